@@ -1,0 +1,130 @@
+//! The one error-code table of the wire protocol.
+//!
+//! The same numbers are used in three places, so a peer needs only one table:
+//! - in [`ErrorResponse`] frames, for requests the server understood and refused;
+//! - as the QUIC application error code of a stream the server reset because the peer
+//!   broke the framing (a protocol violation);
+//! - as the QUIC application error code when the server closes a whole connection.
+//!
+//! Codes are plain numbers on the wire (a postcard varint), so a client built against an
+//! older table still decodes a newer code and can show its number.
+
+use alloc::string::String;
+use core::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable protocol error number. See the table in `SPEC.md` and [`ErrorCode::ALL`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $name:ident = $value:literal, $description:literal; )*) => {
+        impl ErrorCode {
+            $( $(#[$doc])* pub const $name: ErrorCode = ErrorCode($value); )*
+
+            /// Every code this version of the protocol defines, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The code's name as written in `SPEC.md`, or `None` for a code this version
+            /// does not know (sent by a newer peer).
+            pub fn name(self) -> Option<&'static str> {
+                match self { $(ErrorCode::$name => Some(stringify!($name)),)* _ => None }
+            }
+
+            /// One sentence saying what the code means and what to do about it.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => $description,)*
+                    _ => "unknown error code (the server may be newer than this client: upgrade the client)",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// Normal closure of a connection; never sent in an error response.
+    NO_ERROR = 0, "no error: the connection was closed normally";
+    /// The server failed in a way that is not the request's fault.
+    INTERNAL = 1, "internal server error: the request may or may not have been applied; check the server log";
+    /// A key is longer than [`crate::limits::MAX_KEY_BYTES`].
+    KEY_TOO_LARGE = 2, "the key is longer than MAX_KEY_BYTES (1024 bytes of UTF-8): use a shorter key";
+    /// A value is longer than [`crate::limits::MAX_VALUE_BYTES`].
+    VALUE_TOO_LARGE = 3, "the value is longer than MAX_VALUE_BYTES (4 MiB): split it across several keys";
+    /// A frame's length prefix is over [`crate::limits::MAX_FRAME_BYTES`] (stream reset).
+    FRAME_TOO_LARGE = 16, "a frame's length prefix exceeds MAX_FRAME_BYTES; the stream was reset";
+    /// A frame's payload is not a valid message (stream reset).
+    MALFORMED_FRAME = 17, "a frame's payload is not a valid message of this protocol version; the stream was reset";
+    /// The stream ended in the middle of a frame (stream reset).
+    TRUNCATED_FRAME = 18, "the stream ended in the middle of a frame; the stream was reset";
+    /// The server is shutting down and accepts no new connections or requests.
+    SHUTTING_DOWN = 32, "the server is shutting down: retry against another server or after it restarts";
+    /// The server is at its connection limit.
+    TOO_MANY_CONNECTIONS = 33, "the server is at its connection limit (--max-connections): retry later or share one connection";
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{name}({})", self.0),
+            None => write!(f, "ErrorCode({})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A request the server understood and refused, with a message a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The stable code, for programs.
+    pub code: ErrorCode,
+    /// What went wrong and what to do, for people. Never parse it.
+    pub message: String,
+}
+
+impl ErrorResponse {
+    /// An error response with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl fmt::Display for ErrorResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ErrorResponse {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_sorted_and_named() {
+        for pair in ErrorCode::ALL.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "{:?} and {:?}", pair[0], pair[1]);
+        }
+        for code in ErrorCode::ALL {
+            assert!(code.name().is_some());
+            assert!(!code.description().is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_codes_survive_decoding_and_say_so() {
+        let code: ErrorCode = postcard::from_bytes(&[0xe7, 0x07]).unwrap();
+        assert_eq!(code, ErrorCode(999));
+        assert_eq!(code.name(), None);
+        assert!(code.description().contains("unknown"));
+    }
+}
