@@ -92,7 +92,10 @@ pub struct ErrorResponse {
 impl ErrorResponse {
     /// An error response with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -121,48 +121,75 @@ mod tests {
     use crate::error::ErrorResponse;
     use crate::limits::MAX_VALUE_BYTES;
     use crate::message::{Request, Response};
-    use alloc::string::{String, ToString};
+    use alloc::string::String;
     use alloc::vec;
 
-    fn roundtrip_request(request: Request) {
+    fn roundtrip_request(request: Request<'_>) {
         let frame = encode_to_vec(&request).unwrap();
         let (payload, consumed) = split(&frame).unwrap().unwrap();
         assert_eq!(consumed, frame.len());
-        assert_eq!(decode::<Request>(payload).unwrap(), request);
+        let decoded = decode::<Request<'_>>(payload).unwrap();
+        // Strings and bytes are borrowed from the frame, not copied.
+        if let Request::Get { key } | Request::Delete { key } | Request::Put { key, .. } = &decoded
+        {
+            assert!(matches!(key, alloc::borrow::Cow::Borrowed(_)));
+        }
+        assert_eq!(decoded, request);
     }
 
     #[test]
     fn every_request_kind_roundtrips() {
         roundtrip_request(Request::Ping);
-        roundtrip_request(Request::Get { key: "ключ 🔑".to_string() });
-        roundtrip_request(Request::Put { key: String::new(), value: vec![0, 255, 10, 13] });
-        roundtrip_request(Request::Delete { key: "k".repeat(1024) });
+        roundtrip_request(Request::Get {
+            key: "ключ 🔑".into(),
+        });
+        roundtrip_request(Request::Put {
+            key: "".into(),
+            value: vec![0, 255, 10, 13].into(),
+        });
+        roundtrip_request(Request::Delete {
+            key: "k".repeat(1024).into(),
+        });
     }
 
     #[test]
     fn the_largest_value_with_the_largest_key_fits_in_a_frame() {
-        let request = Request::Put { key: "k".repeat(1024), value: vec![7; MAX_VALUE_BYTES] };
+        let request = Request::Put {
+            key: "k".repeat(1024).into(),
+            value: vec![7; MAX_VALUE_BYTES].into(),
+        };
         roundtrip_request(request);
     }
 
     #[test]
     fn a_payload_over_the_limit_is_not_encoded() {
-        let request = Request::Put { key: String::new(), value: vec![0; MAX_FRAME_BYTES] };
+        let request = Request::Put {
+            key: "".into(),
+            value: vec![0; MAX_FRAME_BYTES].into(),
+        };
         let mut out = vec![1, 2, 3];
-        assert!(matches!(encode(&request, &mut out), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            encode(&request, &mut out),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert_eq!(out, [1, 2, 3]);
     }
 
     #[test]
     fn an_oversized_prefix_is_refused_before_the_payload_arrives() {
         let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
-        assert_eq!(split(&header), Err(FrameError::TooLarge { length: MAX_FRAME_BYTES + 1 }));
+        assert_eq!(
+            split(&header),
+            Err(FrameError::TooLarge {
+                length: MAX_FRAME_BYTES + 1
+            })
+        );
         assert_eq!(split(&(MAX_FRAME_BYTES as u32).to_be_bytes()), Ok(None));
     }
 
     #[test]
     fn partial_frames_ask_for_more_bytes() {
-        let frame = encode_to_vec(&Request::Get { key: "abc".to_string() }).unwrap();
+        let frame = encode_to_vec(&Request::Get { key: "abc".into() }).unwrap();
         for cut in 0..frame.len() {
             assert_eq!(split(&frame[..cut]), Ok(None), "cut at {cut}");
         }
@@ -172,7 +199,10 @@ mod tests {
     fn trailing_bytes_and_garbage_are_malformed() {
         let mut frame = encode_to_vec(&Request::Ping).unwrap();
         frame.push(0);
-        assert_eq!(decode::<Request>(&frame[HEADER_BYTES..]), Err(FrameError::Malformed));
+        assert_eq!(
+            decode::<Request>(&frame[HEADER_BYTES..]),
+            Err(FrameError::Malformed)
+        );
         assert_eq!(decode::<Request>(&[0xff, 0xff]), Err(FrameError::Malformed));
         assert_eq!(decode::<Request>(&[]), Err(FrameError::Malformed));
         // A Get whose key is not UTF-8.
@@ -185,23 +215,43 @@ mod tests {
     fn spec_test_vectors_match_the_encoder() {
         let messages: &[(&str, Vec<u8>)] = &[
             ("request Ping", encode_to_vec(&Request::Ping).unwrap()),
-            ("request Get{key:\"a\"}", encode_to_vec(&Request::Get { key: "a".into() }).unwrap()),
+            (
+                "request Get{key:\"a\"}",
+                encode_to_vec(&Request::Get { key: "a".into() }).unwrap(),
+            ),
             (
                 "request Put{key:\"é\",value:[0x00,0xff]}",
-                encode_to_vec(&Request::Put { key: "é".into(), value: vec![0x00, 0xff] }).unwrap(),
+                encode_to_vec(&Request::Put {
+                    key: "é".into(),
+                    value: vec![0x00, 0xff].into(),
+                })
+                .unwrap(),
             ),
-            ("request Delete{key:\"bob\"}", encode_to_vec(&Request::Delete { key: "bob".into() }).unwrap()),
+            (
+                "request Delete{key:\"bob\"}",
+                encode_to_vec(&Request::Delete { key: "bob".into() }).unwrap(),
+            ),
             ("response Pong", encode_to_vec(&Response::Pong).unwrap()),
-            ("response Value(None)", encode_to_vec(&Response::Value(None)).unwrap()),
+            (
+                "response Value(None)",
+                encode_to_vec(&Response::Value(None)).unwrap(),
+            ),
             (
                 "response Value(Some(\"hi\"))",
-                encode_to_vec(&Response::Value(Some(b"hi".to_vec()))).unwrap(),
+                encode_to_vec(&Response::Value(Some(b"hi".as_slice().into()))).unwrap(),
             ),
             ("response Stored", encode_to_vec(&Response::Stored).unwrap()),
-            ("response Deleted{existed:true}", encode_to_vec(&Response::Deleted { existed: true }).unwrap()),
+            (
+                "response Deleted{existed:true}",
+                encode_to_vec(&Response::Deleted { existed: true }).unwrap(),
+            ),
             (
                 "response Error{code:KEY_TOO_LARGE,message:\"no\"}",
-                encode_to_vec(&Response::Error(ErrorResponse::new(crate::ErrorCode::KEY_TOO_LARGE, "no"))).unwrap(),
+                encode_to_vec(&Response::Error(ErrorResponse::new(
+                    crate::ErrorCode::KEY_TOO_LARGE,
+                    "no",
+                )))
+                .unwrap(),
             ),
         ];
         let spec = include_str!("../SPEC.md");
@@ -212,16 +262,26 @@ mod tests {
             .expect("SPEC.md has a ```vectors block");
         let mut seen = 0;
         for line in block.lines().filter(|line| !line.trim().is_empty()) {
-            let (label, hex_text) = line.rsplit_once("=>").expect("vector line is `label => hex`");
+            let (label, hex_text) = line
+                .rsplit_once("=>")
+                .expect("vector line is `label => hex`");
             let label = label.trim();
             let expected = hex::decode(hex_text.split_whitespace().collect::<String>()).unwrap();
             let (_, encoded) = messages
                 .iter()
                 .find(|(name, _)| *name == label)
                 .unwrap_or_else(|| panic!("SPEC.md vector {label:?} is not checked by this test"));
-            assert_eq!(hex::encode(encoded), hex::encode(&expected), "vector {label}");
+            assert_eq!(
+                hex::encode(encoded),
+                hex::encode(&expected),
+                "vector {label}"
+            );
             seen += 1;
         }
-        assert_eq!(seen, messages.len(), "every checked message has a vector in SPEC.md");
+        assert_eq!(
+            seen,
+            messages.len(),
+            "every checked message has a vector in SPEC.md"
+        );
     }
 }

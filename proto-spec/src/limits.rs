@@ -79,6 +79,10 @@ mod tests {
         assert!(check_value(&vec![0; MAX_VALUE_BYTES]).is_ok());
         let error = check_value(&vec![0; MAX_VALUE_BYTES + 1]).unwrap_err();
         assert_eq!(error.code, ErrorCode::VALUE_TOO_LARGE);
-        assert!(error.message.contains("MAX_VALUE_BYTES"), "{}", error.message);
+        assert!(
+            error.message.contains("MAX_VALUE_BYTES"),
+            "{}",
+            error.message
+        );
     }
 }

@@ -61,8 +61,10 @@ mod tests {
     fn shard_assignment_is_stable() {
         // Pinned: changing these breaks every stored data directory. See SPEC.md.
         assert_eq!(key_hash(""), fmix64(0xcbf2_9ce4_8422_2325));
-        let shards: std::vec::Vec<usize> =
-            ["alice", "bob", "carol", "dave", "", "ключ"].iter().map(|key| shard_for_key(key, 4)).collect();
+        let shards: std::vec::Vec<usize> = ["alice", "bob", "carol", "dave", "", "ключ"]
+            .iter()
+            .map(|key| shard_for_key(key, 4))
+            .collect();
         assert_eq!(shards, PINNED_SHARDS_OF_4);
         // The vectors quoted in SPEC.md.
         assert_eq!(key_hash("alice"), 0x3507_d047_a67c_08f4);
@@ -81,7 +83,10 @@ mod tests {
             }
             let expected = 10_000 / shard_count;
             for count in counts {
-                assert!(count > expected * 8 / 10 && count < expected * 12 / 10, "{count} vs {expected}");
+                assert!(
+                    count > expected * 8 / 10 && count < expected * 12 / 10,
+                    "{count} vs {expected}"
+                );
             }
         }
     }

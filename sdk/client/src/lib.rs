@@ -1,1 +1,435 @@
-//! placeholder
+//! The async Rust client of TransDB.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), transdb_client::Error> {
+//! use transdb_client::{Client, ClientConfig};
+//! let config = ClientConfig::from_ca_file("transdb-data/cert.pem".as_ref())?;
+//! let client = Client::connect("127.0.0.1:7878", config).await?;
+//! client.put("greeting", b"hello").await?;
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
+//!
+//! One [`Client`] holds one QUIC connection; clones share it, and every request runs on a
+//! stream of its own, so any number of requests can be in flight at once from any number of
+//! tasks. If the connection is lost, the next request reconnects. A request that was already
+//! sent when the connection broke fails with [`Error::ConnectionLost`]: the client cannot know
+//! whether the server applied it, so it does not retry it behind your back.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendStream, WriteError};
+use rustls_pki_types::CertificateDer;
+use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
+
+pub mod tls;
+pub mod wire;
+
+use wire::{FrameReader, ReadFrameError};
+
+/// The longest [`Client::close`] waits for the close to reach the server.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Everything that can go wrong for a client. Errors a server sends keep their stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client's own configuration is unusable (certificate file, address, ...).
+    #[error("client configuration: {0}")]
+    Config(String),
+    /// No connection could be made; nothing was sent.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The server address.
+        addr: SocketAddr,
+        /// What failed, with a hint where one helps.
+        reason: String,
+    },
+    /// The connection broke while the request was under way: it may or may not have been
+    /// applied. The next request reconnects.
+    #[error(
+        "connection to the server lost: {reason}; the request may or may not have been applied"
+    )]
+    ConnectionLost {
+        /// The code the server closed the connection with, if it closed it deliberately.
+        code: Option<ErrorCode>,
+        /// What happened.
+        reason: String,
+    },
+    /// The server understood the request and refused it; nothing was changed.
+    #[error("{0}")]
+    Rejected(ErrorResponse),
+    /// The server reset the request's stream because the request broke the protocol.
+    #[error("the server reset the request: {code}: {}", code.description())]
+    StreamReset {
+        /// The reset's error code.
+        code: ErrorCode,
+    },
+    /// The server's answer broke the protocol (a version mismatch or a bug).
+    #[error("protocol error in the server's response: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The protocol error code behind this error, if there is one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Rejected(response) => Some(response.code),
+            Error::StreamReset { code } => Some(*code),
+            Error::ConnectionLost { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// How a [`Client`] connects.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Certificates to trust: the server's own self-signed certificate or the CA that issued
+    /// it. There is no way to trust any certificate.
+    pub trusted_certificates: Vec<CertificateDer<'static>>,
+    /// The name to verify the server's certificate against; by default the host of the
+    /// address given to [`Client::connect`] (an IP address or a DNS name).
+    pub server_name: Option<String>,
+    /// How long to wait for the QUIC handshake.
+    pub connect_timeout: Duration,
+    /// How often to send keep-alives on an idle connection.
+    pub keep_alive_interval: Duration,
+    /// How long a silent connection lives (the smaller of this and the server's applies).
+    pub idle_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Trusts exactly `certificates`.
+    pub fn trusting(certificates: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            trusted_certificates: certificates,
+            server_name: None,
+            connect_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Trusts the certificates in a PEM or DER file, e.g. `transdb-data/cert.pem`.
+    pub fn from_ca_file(path: &Path) -> Result<Self, Error> {
+        Ok(Self::trusting(tls::load_certificates(path)?))
+    }
+}
+
+/// A connection to a TransDB server. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    server_name: String,
+    connect_timeout: Duration,
+    connection: parking_lot::Mutex<Connection>,
+    /// Serialises reconnects so that concurrent requests on a dead connection make one.
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl Client {
+    /// Connects to the server at `addr` (`host:port`, resolved if it is a name).
+    pub async fn connect(addr: &str, config: ClientConfig) -> Result<Client, Error> {
+        let (socket_addr, host) = resolve(addr).await?;
+        let server_name = config.server_name.clone().unwrap_or(host);
+        let bind: SocketAddr = if socket_addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
+        let mut endpoint = Endpoint::client(bind)
+            .map_err(|error| Error::Config(format!("cannot open a UDP socket: {error}")))?;
+        endpoint.set_default_client_config(tls::quinn_client_config(
+            &config.trusted_certificates,
+            config.keep_alive_interval,
+            config.idle_timeout,
+        )?);
+        let connection =
+            open_connection(&endpoint, socket_addr, &server_name, config.connect_timeout).await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                addr: socket_addr,
+                server_name,
+                connect_timeout: config.connect_timeout,
+                connection: parking_lot::Mutex::new(connection),
+                reconnecting: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The server's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Round trip to the server.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match self.request(&Request::Ping).await? {
+            Response::Pong => Ok(()),
+            other => Err(unexpected("Ping", &other)),
+        }
+    }
+
+    /// The value of `key`, or `None` if it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        check(limits::check_key(key))?;
+        match self.request(&Request::Get { key: key.into() }).await? {
+            Response::Value(value) => Ok(value.map(|value| value.into_owned())),
+            other => Err(unexpected("Get", &other)),
+        }
+    }
+
+    /// Sets `key` to `value`, overwriting any previous value.
+    pub async fn put(&self, key: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
+        let value = value.as_ref();
+        check(limits::check_key(key))?;
+        check(limits::check_value(value))?;
+        match self
+            .request(&Request::Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await?
+        {
+            Response::Stored => Ok(()),
+            other => Err(unexpected("Put", &other)),
+        }
+    }
+
+    /// Removes `key`; returns whether it existed. Deleting a missing key is not an error.
+    pub async fn delete(&self, key: &str) -> Result<bool, Error> {
+        check(limits::check_key(key))?;
+        match self.request(&Request::Delete { key: key.into() }).await? {
+            Response::Deleted { existed } => Ok(existed),
+            other => Err(unexpected("Delete", &other)),
+        }
+    }
+
+    /// Closes the connection and waits (at most [`CLOSE_LINGER`]) until the server has been
+    /// told, so that it frees the connection at once rather than at its idle timeout.
+    /// Requests still under way fail; later requests on this client reconnect.
+    pub async fn close(&self) {
+        self.inner
+            .connection
+            .lock()
+            .close(ErrorCode::NO_ERROR.0.into(), b"client closed");
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Sends one request on a new stream and returns the server's response. An `Error`
+    /// response becomes [`Error::Rejected`].
+    pub async fn request(&self, request: &Request<'_>) -> Result<Response<'static>, Error> {
+        let frame =
+            frame::encode_to_vec(request).map_err(|error| Error::Config(error.to_string()))?;
+        let (mut send, mut recv) = self.open_stream().await?;
+        send.write_all(&frame).await.map_err(write_error)?;
+        // Finishing can only fail if the stream is already closed; the read reports why.
+        let _ = send.finish();
+        let mut reader = FrameReader::new();
+        let response = match reader.next::<Response<'_>>(&mut recv).await {
+            Ok(Some(response)) => response.into_owned(),
+            Ok(None) => {
+                return Err(Error::Protocol(
+                    "the server finished the stream without answering".into(),
+                ));
+            }
+            Err(error) => return Err(read_error(error)),
+        };
+        expect_end(&mut reader, &mut recv).await?;
+        match response {
+            Response::Error(error) => Err(Error::Rejected(error)),
+            response => Ok(response),
+        }
+    }
+
+    /// Opens a stream, reconnecting first if the connection is gone. Nothing has been sent
+    /// when this fails, so reconnecting here is always safe.
+    async fn open_stream(&self) -> Result<(SendStream, RecvStream), Error> {
+        let connection = self.inner.connection.lock().clone();
+        match connection.open_bi().await {
+            Ok(streams) => Ok(streams),
+            Err(first_error) => {
+                let connection = self.reconnect(&connection, first_error).await?;
+                connection.open_bi().await.map_err(connection_lost)
+            }
+        }
+    }
+
+    async fn reconnect(
+        &self,
+        broken: &Connection,
+        error: ConnectionError,
+    ) -> Result<Connection, Error> {
+        let _guard = self.inner.reconnecting.lock().await;
+        let current = self.inner.connection.lock().clone();
+        if current.stable_id() != broken.stable_id() {
+            return Ok(current); // another request reconnected already
+        }
+        tracing::debug!(%error, "connection lost; reconnecting");
+        let inner = &self.inner;
+        let fresh = open_connection(
+            &inner.endpoint,
+            inner.addr,
+            &inner.server_name,
+            inner.connect_timeout,
+        )
+        .await?;
+        *inner.connection.lock() = fresh.clone();
+        Ok(fresh)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.connection
+            .lock()
+            .close(ErrorCode::NO_ERROR.0.into(), b"client dropped");
+    }
+}
+
+async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
+    let (host, _port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| Error::Config(format!("server address {addr:?} is not host:port")))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let socket_addr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|error| Error::Config(format!("cannot resolve server address {addr:?}: {error}")))?
+        .next()
+        .ok_or_else(|| Error::Config(format!("server address {addr:?} resolves to nothing")))?;
+    Ok((socket_addr, host))
+}
+
+async fn open_connection(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Connection, Error> {
+    let connect_error = |reason: String| Error::Connect { addr, reason };
+    let connecting = endpoint
+        .connect(addr, server_name)
+        .map_err(|error| connect_error(error.to_string()))?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(connect_error(describe_connect_failure(&error))),
+        Err(_) => Err(connect_error(format!(
+            "no answer within {timeout:?}: is a server running there (`transdb serve`)?"
+        ))),
+    }
+}
+
+fn describe_connect_failure(error: &ConnectionError) -> String {
+    let text = error.to_string();
+    if let ConnectionError::ApplicationClosed(close) = error {
+        return describe_close(close);
+    }
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("NotValidForName")
+    {
+        return format!(
+            "{text}: the server's certificate is not trusted; pass the server's certificate with --ca \
+             (by default the CLI trusts transdb-data/cert.pem in the current directory)"
+        );
+    }
+    if text.contains("no_application_protocol") || text.contains("120") && text.contains("crypto") {
+        return format!(
+            "{text}: the server does not speak {}",
+            String::from_utf8_lossy(transdb_proto::ALPN)
+        );
+    }
+    text
+}
+
+fn describe_close(close: &quinn::ApplicationClose) -> String {
+    let code = u16::try_from(close.error_code.into_inner())
+        .map(ErrorCode)
+        .unwrap_or(ErrorCode::INTERNAL);
+    format!(
+        "server closed the connection: {code}: {} ({})",
+        code.description(),
+        String::from_utf8_lossy(&close.reason)
+    )
+}
+
+fn connection_lost(error: ConnectionError) -> Error {
+    match &error {
+        ConnectionError::ApplicationClosed(close) => Error::ConnectionLost {
+            code: u16::try_from(close.error_code.into_inner())
+                .ok()
+                .map(ErrorCode),
+            reason: describe_close(close),
+        },
+        _ => Error::ConnectionLost {
+            code: None,
+            reason: error.to_string(),
+        },
+    }
+}
+
+fn reset_code(code: quinn::VarInt) -> ErrorCode {
+    u16::try_from(code.into_inner())
+        .map(ErrorCode)
+        .unwrap_or(ErrorCode::INTERNAL)
+}
+
+fn write_error(error: WriteError) -> Error {
+    match error {
+        WriteError::Stopped(code) => Error::StreamReset {
+            code: reset_code(code),
+        },
+        WriteError::ConnectionLost(error) => connection_lost(error),
+        other => Error::Protocol(other.to_string()),
+    }
+}
+
+fn read_error(error: ReadFrameError) -> Error {
+    match error {
+        ReadFrameError::Frame(error) => Error::Protocol(error.to_string()),
+        ReadFrameError::Stream(ReadError::Reset(code)) => Error::StreamReset {
+            code: reset_code(code),
+        },
+        ReadFrameError::Stream(ReadError::ConnectionLost(error)) => connection_lost(error),
+        ReadFrameError::Stream(other) => Error::Protocol(other.to_string()),
+    }
+}
+
+async fn expect_end(reader: &mut FrameReader, recv: &mut RecvStream) -> Result<(), Error> {
+    if reader.finished_now(recv).await {
+        return Ok(());
+    }
+    match reader.next_payload(recv).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Error::Protocol(
+            "the server sent more than one response".into(),
+        )),
+        // The answer is complete; a failure after it changes nothing.
+        Err(_) => Ok(()),
+    }
+}
+
+fn check(result: Result<(), ErrorResponse>) -> Result<(), Error> {
+    result.map_err(Error::Rejected)
+}
+
+fn unexpected(request: &str, response: &Response<'_>) -> Error {
+    Error::Protocol(format!(
+        "unexpected answer to {request}: {}",
+        response.kind()
+    ))
+}

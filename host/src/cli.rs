@@ -1,0 +1,265 @@
+//! The `transdb` command line: `serve` runs a server, the other commands are a client.
+//!
+//! Exit status: 0 success, 1 `get` of a missing key, 2 any error (the message on stderr
+//! says what to do).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use transdb_client::{Client, ClientConfig};
+
+use crate::config::{
+    self, CertificateFiles, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig,
+};
+use crate::identity::CERTIFICATE_FILE;
+use crate::server::Server;
+
+/// TransDB: a transactional in-memory key-value server with WebAssembly stored procedures.
+#[derive(Parser, Debug)]
+#[command(name = "transdb", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Server address for the client commands.
+    #[arg(long, global = true, env = "TRANSDB_SERVER", default_value = DEFAULT_LISTEN)]
+    pub server: String,
+    /// Certificate (PEM or DER) the client trusts: the server's self-signed certificate or
+    /// its CA. Default: transdb-data/cert.pem in the current directory.
+    #[arg(long, global = true, env = "TRANSDB_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Name to verify the server's certificate against (default: the host of --server).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a server (stops gracefully on SIGINT/SIGTERM).
+    Serve(ServeArgs),
+    /// Set KEY to VALUE; `-` as VALUE reads the raw bytes from stdin.
+    Put {
+        /// The key (UTF-8, at most 1024 bytes).
+        key: String,
+        /// The value, or `-` to read it from stdin.
+        value: String,
+    },
+    /// Write the raw value of KEY to stdout; exit 1 with `not found` if it does not exist.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Remove KEY (succeeds whether or not it existed).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Check that the server answers, and print the round-trip time.
+    Ping,
+}
+
+/// Options of `transdb serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// UDP address to listen on.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Directory for the server's files (certificate, key, and later its log).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Number of shards [default: one per core].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Certificate chain file (PEM or DER). Default: a self-signed certificate generated
+    /// in the data directory on first start.
+    #[arg(long, requires = "key", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Private key file (PEM or DER) of --cert.
+    #[arg(long, requires = "cert", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Log level or filter (e.g. `debug`, `transdb_host=trace`); overrides RUST_LOG.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Maximum number of client connections.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Maximum number of concurrent requests (streams) per connection.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// Seconds a silent connection lives.
+    #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub idle_timeout_secs: u64,
+    /// Seconds shutdown waits for in-flight requests.
+    #[arg(long, default_value_t = config::DEFAULT_SHUTDOWN_GRACE.as_secs())]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Serve(args) => serve(args),
+        ref command => run_client(&cli, command),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("transdb: error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    init_logging(args.log_level.as_deref())?;
+    let mut config = ServerConfig::new(&args.data_dir);
+    config.listen = args.listen;
+    config.shards = args.shards.unwrap_or_else(config::default_shards);
+    config.certificate_files = args
+        .cert
+        .zip(args.key)
+        .map(|(certificate, key)| CertificateFiles { certificate, key });
+    config.max_connections = args.max_connections;
+    config.max_streams_per_connection = args.max_streams_per_connection;
+    config.idle_timeout = Duration::from_secs(args.idle_timeout_secs);
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config::default_shards())
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(config.clone()).await?;
+        println!(
+            "transdb listening on {} (data dir {}, {} shards, certificate {})",
+            server.local_addr(),
+            config.data_dir.display(),
+            config.shards,
+            server.certificate_path().display()
+        );
+        wait_for_signal().await?;
+        let in_flight = server.begin_shutdown();
+        println!("transdb shutting down: waiting for {in_flight} in-flight requests");
+        let report = server.shutdown().await;
+        println!("transdb stopped ({} requests abandoned)", report.abandoned);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn init_logging(level: Option<&str>) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")?;
+    Ok(())
+}
+
+fn client_config(cli: &Cli) -> Result<ClientConfig> {
+    let ca = match &cli.ca {
+        Some(path) => path.clone(),
+        None => {
+            let default = PathBuf::from(DEFAULT_DATA_DIR).join(CERTIFICATE_FILE);
+            if !default.exists() {
+                anyhow::bail!(
+                    "no certificate to trust: {} does not exist here. Run this in the directory where \
+                     `transdb serve` runs, or pass the server's certificate with --ca FILE (or TRANSDB_CA)",
+                    default.display()
+                );
+            }
+            default
+        }
+    };
+    let mut config = ClientConfig::from_ca_file(&ca)?;
+    config.server_name = cli.server_name.clone();
+    Ok(config)
+}
+
+fn run_client(cli: &Cli, command: &Command) -> Result<ExitCode> {
+    let config = client_config(cli)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let client = Client::connect(&cli.server, config).await?;
+        let outcome = client_command(&client, command).await;
+        client.close().await;
+        outcome
+    })
+}
+
+async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> {
+    match command {
+        Command::Put { key, value } => {
+            let bytes = if value == "-" {
+                let mut buffer = Vec::new();
+                std::io::stdin()
+                    .lock()
+                    .read_to_end(&mut buffer)
+                    .context("cannot read the value from stdin")?;
+                buffer
+            } else {
+                value.clone().into_bytes()
+            };
+            client.put(key, bytes).await?;
+        }
+        Command::Get { key } => match client.get(key).await? {
+            Some(value) => {
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&value)?;
+                stdout.flush()?;
+            }
+            None => {
+                eprintln!("not found");
+                return Ok(ExitCode::from(1));
+            }
+        },
+        Command::Delete { key } => {
+            client.delete(key).await?;
+        }
+        Command::Ping => {
+            let start = std::time::Instant::now();
+            client.ping().await?;
+            println!(
+                "pong from {} in {:?}",
+                client.server_addr(),
+                start.elapsed()
+            );
+        }
+        Command::Serve(_) => unreachable!("serve is handled by the caller"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

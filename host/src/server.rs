@@ -1,0 +1,173 @@
+//! A running server: the data directory, the QUIC endpoint, the store, and graceful shutdown.
+
+use std::fs::{self, File};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use quinn::{Endpoint, VarInt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use transdb_proto::ErrorCode;
+
+use crate::config::ServerConfig;
+use crate::identity::Identity;
+use crate::network::{self, Shared};
+use crate::store::Store;
+
+/// File in the data directory that a running server holds an exclusive lock on.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// How long shutdown waits for connections to finish closing after the close is sent.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// A running TransDB server.
+pub struct Server {
+    local_addr: SocketAddr,
+    certificate_path: PathBuf,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    accept_task: JoinHandle<()>,
+    shutdown_grace: Duration,
+    _data_dir_lock: File,
+}
+
+/// What a graceful shutdown did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Requests still running after the grace period, cut off by the connection close.
+    pub abandoned: usize,
+}
+
+impl Server {
+    /// Opens the data directory, loads or generates the identity, and starts listening.
+    /// Must be called inside a Tokio runtime.
+    pub async fn start(config: ServerConfig) -> Result<Server> {
+        if config.shards == 0 {
+            bail!("--shards must be at least 1");
+        }
+        fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let identity = match &config.certificate_files {
+            Some(files) => Identity::load(&files.certificate, &files.key)?,
+            None => Identity::load_or_generate(&config.data_dir)?,
+        };
+        let mut server_config = quinn::ServerConfig::with_crypto(identity.quic_server_config()?);
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(config.max_streams_per_connection))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_idle_timeout(Some(
+                config
+                    .idle_timeout
+                    .try_into()
+                    .context("--idle-timeout-secs is too large")?,
+            ));
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = Endpoint::server(server_config, config.listen).with_context(|| {
+            format!("cannot listen on {}: is another server using that port? choose another with --listen", config.listen)
+        })?;
+        let local_addr = endpoint.local_addr()?;
+        let shared = Arc::new(Shared {
+            store: Arc::new(Store::new(config.shards)),
+            shutdown: CancellationToken::new(),
+            streams: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            max_connections: config.max_connections,
+        });
+        let accept_task = tokio::spawn(network::accept_connections(
+            endpoint.clone(),
+            shared.clone(),
+        ));
+        tracing::info!(%local_addr, shards = config.shards, data_dir = %config.data_dir.display(), "listening");
+        Ok(Server {
+            local_addr,
+            certificate_path: identity.certificate_path,
+            endpoint,
+            shared,
+            accept_task,
+            shutdown_grace: config.shutdown_grace,
+            _data_dir_lock: lock,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's certificate file: what a client trusts for a self-signed identity.
+    pub fn certificate_path(&self) -> &Path {
+        &self.certificate_path
+    }
+
+    /// The store (for inspection in tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Requests being served right now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.streams.len()
+    }
+
+    /// Stops accepting connections and streams; returns the number of requests in flight.
+    /// Idempotent. [`Server::shutdown`] then waits for them.
+    pub fn begin_shutdown(&self) -> usize {
+        self.shared.shutdown.cancel();
+        self.shared.streams.close();
+        self.shared.streams.len()
+    }
+
+    /// Graceful shutdown: stops accepting, waits up to the grace period for in-flight
+    /// requests to be answered and acknowledged, then closes every connection with
+    /// `SHUTTING_DOWN`.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.begin_shutdown();
+        let drained = tokio::time::timeout(self.shutdown_grace, self.shared.streams.wait())
+            .await
+            .is_ok();
+        let abandoned = if drained {
+            0
+        } else {
+            self.shared.streams.len()
+        };
+        if abandoned > 0 {
+            tracing::warn!(abandoned, grace = ?self.shutdown_grace, "requests still running after the grace period");
+        }
+        self.endpoint.close(
+            VarInt::from(ErrorCode::SHUTTING_DOWN.0),
+            b"server shutting down",
+        );
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
+        let _ = self.accept_task.await;
+        tracing::info!("stopped");
+        ShutdownReport { abandoned }
+    }
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<File> {
+    let path = data_dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another transdb server is using the data directory {}: stop it or choose another --data-dir",
+            data_dir.display()
+        ),
+        Err(fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}

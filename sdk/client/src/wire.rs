@@ -1,0 +1,103 @@
+//! Frames over QUIC streams, shared by the client and the server.
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::task::Poll;
+
+use quinn::{ReadError, RecvStream};
+use serde::Deserialize;
+use transdb_proto::frame::{self, FrameError};
+
+/// Why a frame could not be read from a stream.
+#[derive(Debug)]
+pub enum ReadFrameError {
+    /// The bytes broke the framing (answer with a stream reset carrying `code()`).
+    Frame(FrameError),
+    /// The stream or the connection failed.
+    Stream(ReadError),
+}
+
+/// Reads frames from one receive stream.
+///
+/// Bytes are buffered as they arrive, never pre-allocated from an announced length, so a
+/// peer that announces a large frame and stalls costs only what it actually sent.
+#[derive(Default)]
+pub struct FrameReader {
+    buffer: Vec<u8>,
+    /// Bytes of `buffer` already handed out as frames.
+    consumed: usize,
+    finished: bool,
+}
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The payload of the next frame, `Ok(None)` if the stream ended cleanly between frames.
+    ///
+    /// The payload borrows the reader's buffer until the next call.
+    pub async fn next_payload(
+        &mut self,
+        recv: &mut RecvStream,
+    ) -> Result<Option<&[u8]>, ReadFrameError> {
+        if self.consumed > 0 {
+            self.buffer.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        loop {
+            if let Some((_, length)) = frame::split(&self.buffer).map_err(ReadFrameError::Frame)? {
+                self.consumed = length;
+                return Ok(Some(&self.buffer[frame::HEADER_BYTES..length]));
+            }
+            if self.finished {
+                return if self.buffer.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadFrameError::Frame(FrameError::Truncated))
+                };
+            }
+            match recv
+                .read_chunk(usize::MAX, true)
+                .await
+                .map_err(ReadFrameError::Stream)?
+            {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// The next frame decoded as a `T`, `Ok(None)` if the stream ended cleanly between frames.
+    pub async fn next<'a, T: Deserialize<'a>>(
+        &'a mut self,
+        recv: &mut RecvStream,
+    ) -> Result<Option<T>, ReadFrameError> {
+        match self.next_payload(recv).await? {
+            Some(payload) => frame::decode(payload)
+                .map(Some)
+                .map_err(ReadFrameError::Frame),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the peer has finished the stream with no further bytes, judged from what has
+    /// already arrived, without waiting. Lets a responder send its last frame and its FIN
+    /// together.
+    pub async fn finished_now(&mut self, recv: &mut RecvStream) -> bool {
+        if self.finished || self.buffer.len() > self.consumed {
+            return self.finished && self.buffer.len() == self.consumed;
+        }
+        let mut read = pin!(recv.read_chunk(usize::MAX, true));
+        // Poll once: a ready result is kept, a pending read is dropped (read_chunk is
+        // cancel-safe), an error is left for the next real read to report.
+        let polled = poll_fn(|context| Poll::Ready(read.as_mut().poll(context))).await;
+        match polled {
+            Poll::Ready(Ok(None)) => self.finished = true,
+            Poll::Ready(Ok(Some(chunk))) => self.buffer.extend_from_slice(&chunk.bytes),
+            Poll::Ready(Err(_)) | Poll::Pending => {}
+        }
+        self.finished && self.buffer.len() == self.consumed
+    }
+}
