@@ -1,1 +1,284 @@
-//! placeholder
+//! Support for TransDB's end-to-end tests: servers in-process and as child processes of the
+//! real `transdb` binary, clients, and raw QUIC connections for speaking bad protocol.
+//!
+//! The child-process helpers use the binary that `cargo test --workspace` builds next to
+//! the test executables (`target/<profile>/transdb`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
+use tempfile::TempDir;
+use transdb_client::{Client, ClientConfig};
+use transdb_host::{Server, ServerConfig};
+
+/// Upper bound for anything a test waits for; hitting it is a failure, never a pacing device.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A server in this process on a free loopback port, with its own data directory.
+pub struct TestServer {
+    /// The running server.
+    pub server: Server,
+    /// Its data directory (deleted on drop).
+    pub data_dir: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with the embedded defaults (except the port and data directory).
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `adjust` has changed its configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = ServerConfig::new(data_dir.path());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.shards = 2;
+        adjust(&mut config);
+        let server = Server::start(config).await.expect("server starts");
+        TestServer { server, data_dir }
+    }
+
+    /// The server's address as `host:port`.
+    pub fn addr(&self) -> String {
+        self.server.local_addr().to_string()
+    }
+
+    /// A client that trusts this server's certificate.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr(), self.client_config())
+            .await
+            .expect("client connects")
+    }
+
+    /// The configuration of a client that trusts this server.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::from_ca_file(self.server.certificate_path()).expect("certificate loads")
+    }
+
+    /// The server's certificate.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        transdb_client::tls::load_certificates(self.server.certificate_path())
+            .unwrap()
+            .remove(0)
+    }
+}
+
+/// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn`.
+pub async fn raw_connection(
+    addr: SocketAddr,
+    certificate: CertificateDer<'static>,
+    alpn: &[u8],
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certificate).unwrap();
+    let mut tls =
+        rustls::ClientConfig::builder_with_provider(transdb_client::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.connect(addr, "localhost").unwrap().await
+}
+
+/// The `transdb` binary built by this `cargo test` run.
+///
+/// # Panics
+/// With instructions if it is missing or older than the server library it is built from.
+pub fn transdb_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TRANSDB_BIN") {
+        return path.into();
+    }
+    let test_executable = std::env::current_exe().expect("test executable path");
+    let profile_dir = test_executable
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = profile_dir.join(format!("transdb{}", std::env::consts::EXE_SUFFIX));
+    let hint = "run the tests with `cargo test --workspace` (it builds the transdb binary), \
+                or build it first with `cargo build -p transdb-host`";
+    let built = std::fs::metadata(&binary)
+        .and_then(|metadata| metadata.modified())
+        .unwrap_or_else(|_| panic!("no transdb binary at {}: {hint}", binary.display()));
+    let newest_library = std::fs::read_dir(profile_dir.join("deps"))
+        .expect("deps directory")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("libtransdb_host-")
+        })
+        .filter_map(|entry| {
+            entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .ok()
+        })
+        .max();
+    if let Some(library) = newest_library {
+        assert!(
+            built >= library,
+            "{} is older than the transdb-host library: {hint}",
+            binary.display()
+        );
+    }
+    binary
+}
+
+/// A `transdb serve` child process. Killed on drop if still running.
+pub struct ChildServer {
+    child: Child,
+    lines: Receiver<String>,
+    /// The address it printed it listens on.
+    pub addr: SocketAddr,
+}
+
+impl ChildServer {
+    /// Runs `transdb serve --listen <listen> <extra...>` in `cwd` and waits until it
+    /// prints the address it listens on.
+    pub fn start(cwd: &Path, listen: &str, extra: &[&str]) -> ChildServer {
+        let mut child = Command::new(transdb_binary())
+            .current_dir(cwd)
+            .args(["serve", "--listen", listen, "--shards", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("transdb serve starts");
+        let lines = line_channel(child.stdout.take().unwrap());
+        let mut server = ChildServer {
+            child,
+            lines,
+            addr: "0.0.0.0:0".parse().unwrap(),
+        };
+        let line = server.wait_for_line("transdb listening on ");
+        let addr = line["transdb listening on ".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap();
+        server.addr = addr.parse().expect("printed address parses");
+        server
+    }
+
+    /// Waits for the next stdout line that starts with `prefix` and returns it.
+    ///
+    /// # Panics
+    /// If the process ends or [`PATIENCE`] passes first.
+    pub fn wait_for_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(remaining) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no line starting with {prefix:?} within {PATIENCE:?}")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "server exited ({:?}) before printing {prefix:?}",
+                        self.child.wait()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (at most [`PATIENCE`]).
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {PATIENCE:?}"
+            );
+            // Process exit has no portable waitable-with-timeout; the lines channel closes
+            // when stdout does, which is the exit for our purposes.
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.child.wait().unwrap(),
+            }
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn line_channel(stdout: ChildStdout) -> Receiver<String> {
+    let (sender, receiver) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            println!("[server] {line}");
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// Output of one CLI run.
+pub struct CliOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Raw stdout.
+    pub stdout: Vec<u8>,
+    /// Stderr as text.
+    pub stderr: String,
+}
+
+/// Runs the `transdb` CLI in `cwd` with `args`, feeding `stdin`.
+pub fn cli(cwd: &Path, args: &[&str], stdin: &[u8]) -> CliOutput {
+    use std::io::Write;
+    let mut child = Command::new(transdb_binary())
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("TRANSDB_SERVER")
+        .env_remove("TRANSDB_CA")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("transdb runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let output = child.wait_with_output().unwrap();
+    CliOutput {
+        status: output.status,
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into(),
+    }
+}

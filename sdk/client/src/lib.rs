@@ -347,11 +347,10 @@ fn describe_connect_failure(error: &ConnectionError) -> String {
              (by default the CLI trusts transdb-data/cert.pem in the current directory)"
         );
     }
-    if text.contains("no_application_protocol") || text.contains("120") && text.contains("crypto") {
-        return format!(
-            "{text}: the server does not speak {}",
-            String::from_utf8_lossy(transdb_proto::ALPN)
-        );
+    if let ConnectionError::ConnectionClosed(close) = error
+        && close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    {
+        return format!("{text}; it may be shutting down: retry once it is back");
     }
     text
 }
