@@ -6,7 +6,7 @@
 //! client ──QUIC──▶ network ──▶ admission ──▶ executor ──▶ store (N shards)
 //! ```
 //!
-//! - [`network`]: QUIC endpoint, connections, one task per request stream, framing;
+//! - `network`: QUIC endpoint, connections, one task per request stream, framing;
 //! - [`admission`]: the checks a request passes before it touches state (limits today);
 //! - [`executor`]: applies admitted requests to the store and encodes responses;
 //! - [`store`]: the sharded in-memory map;
