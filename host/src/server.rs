@@ -26,6 +26,9 @@ pub const LOCK_FILE: &str = "LOCK";
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// A running TransDB server.
+///
+/// Stop it with [`Server::shutdown`]. Dropping it instead closes every connection at once
+/// with `SHUTTING_DOWN`, cutting off requests in flight.
 pub struct Server {
     local_addr: SocketAddr,
     certificate_path: PathBuf,
@@ -128,7 +131,7 @@ impl Server {
     /// Graceful shutdown: stops accepting, waits up to the grace period for in-flight
     /// requests to be answered and acknowledged, then closes every connection with
     /// `SHUTTING_DOWN`.
-    pub async fn shutdown(self) -> ShutdownReport {
+    pub async fn shutdown(mut self) -> ShutdownReport {
         self.begin_shutdown();
         let drained = tokio::time::timeout(self.shutdown_grace, self.shared.streams.wait())
             .await
@@ -141,14 +144,27 @@ impl Server {
         if abandoned > 0 {
             tracing::warn!(abandoned, grace = ?self.shutdown_grace, "requests still running after the grace period");
         }
+        self.close_connections();
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
+        let _ = (&mut self.accept_task).await;
+        tracing::info!("stopped");
+        ShutdownReport { abandoned }
+    }
+}
+
+impl Server {
+    fn close_connections(&self) {
         self.endpoint.close(
             VarInt::from(ErrorCode::SHUTTING_DOWN.0),
             b"server shutting down",
         );
-        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
-        let _ = self.accept_task.await;
-        tracing::info!("stopped");
-        ShutdownReport { abandoned }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+        self.close_connections();
     }
 }
 

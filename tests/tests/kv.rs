@@ -183,3 +183,18 @@ async fn connections_over_the_limit_are_told_so_and_the_others_keep_working() {
         Some(&b"works"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_server_closes_its_connections() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client.ping().await.unwrap();
+    let TestServer { server, data_dir } = server;
+    drop(server);
+    let error = client.ping().await.unwrap_err();
+    assert!(
+        error.code() == Some(ErrorCode::SHUTTING_DOWN) || matches!(error, Error::Connect { .. }),
+        "{error}"
+    );
+    drop(data_dir);
+}
