@@ -109,7 +109,13 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     loop {
         let (send, recv) = tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => return,
+            () = shared.shutdown.cancelled() => {
+                // Hold the connection, accepting nothing, until the server closes every
+                // connection with SHUTTING_DOWN: dropping the last handle here would close
+                // it at once with NO_ERROR, telling the client nothing useful.
+                connection.closed().await;
+                return;
+            }
             streams = connection.accept_bi() => match streams {
                 Ok(streams) => streams,
                 Err(error) => {

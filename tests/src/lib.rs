@@ -114,10 +114,9 @@ pub fn transdb_binary() -> PathBuf {
         .expect("deps directory")
         .filter_map(Result::ok)
         .filter(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("libtransdb_host-")
+            // Only linkable libraries: `cargo clippy` and `cargo check` leave newer `.rmeta`s.
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with("libtransdb_host-") && name.ends_with(".rlib")
         })
         .filter_map(|entry| {
             entry

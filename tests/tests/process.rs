@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use transdb_client::{Client, ClientConfig};
-use transdb_proto::{ALPN, Request, Response, frame};
+use transdb_proto::{ALPN, ErrorCode, Request, Response, frame};
 use transdb_tests::{ChildServer, cli, raw_connection};
 
 fn ca_of(dir: &Path) -> ClientConfig {
@@ -136,6 +136,10 @@ async fn a_restarted_server_keeps_its_certificate_and_clients_reconnect() {
     // A request while the server is down fails cleanly, saying why.
     let down = client.ping().await.unwrap_err().to_string();
     assert!(down.contains("is a server running there"), "{down}");
+    assert!(
+        down.contains("SHUTTING_DOWN"),
+        "the reason the last connection ended: {down}"
+    );
 
     let _restarted = ChildServer::start(dir.path(), &addr.to_string(), &[]);
     assert_eq!(
@@ -162,6 +166,9 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
         .await
         .unwrap();
 
+    let idle = raw_connection(server.addr, certificate[0].clone(), ALPN)
+        .await
+        .unwrap();
     // A request in flight: its stream is open and half of its frame has arrived.
     let put = frame::encode_to_vec(&Request::Put {
         key: "late".into(),
@@ -213,6 +220,16 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
 
     let status = server.wait();
     assert!(status.success(), "exit status {status:?}");
+    // An idle connection is told why it was closed.
+    match idle.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code.into_inner(),
+                u64::from(ErrorCode::SHUTTING_DOWN.0)
+            );
+        }
+        other => panic!("expected SHUTTING_DOWN, got {other}"),
+    }
 }
 
 #[test]

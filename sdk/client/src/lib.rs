@@ -284,7 +284,17 @@ impl Client {
             &inner.server_name,
             inner.connect_timeout,
         )
-        .await?;
+        .await
+        .map_err(|failure| match failure {
+            Error::Connect { addr, reason } => Error::Connect {
+                addr,
+                reason: format!(
+                    "{reason} (the previous connection ended: {})",
+                    describe_connect_failure(&error)
+                ),
+            },
+            other => other,
+        })?;
         *inner.connection.lock() = fresh.clone();
         Ok(fresh)
     }
