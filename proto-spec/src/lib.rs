@@ -14,6 +14,7 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+pub mod abi;
 pub mod error;
 pub mod frame;
 pub mod limits;
