@@ -1,6 +1,6 @@
 //! Admission: the checks a decoded request passes before it may touch any state.
 //!
-//! Today these are the key and value limits; authentication, rate limits and key-set
+//! Today these are the key, value and argument size limits; authentication, rate limits and key-set
 //! extraction join them here. A refused request is answered with an error response and
 //! changes nothing; the stream and connection stay usable.
 
@@ -15,6 +15,12 @@ pub fn admit(request: &Request<'_>) -> Result<(), ErrorResponse> {
             limits::check_key(key)?;
             limits::check_value(value)
         }
+        // Names and module contents are checked by the registry, which knows the limits.
+        Request::Deploy { .. } | Request::ListModules => Ok(()),
+        Request::Call { args, .. } => limits::check_value(args).map_err(|mut error| {
+            error.message = error.message.replace("value", "arguments");
+            error
+        }),
     }
 }
 

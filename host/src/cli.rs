@@ -18,6 +18,8 @@ use crate::config::{
     DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig,
 };
 use crate::identity::CERTIFICATE_FILE;
+use crate::procedures;
+use crate::runtime::{self, RuntimeLimits};
 use crate::server::Server;
 
 /// TransDB: a transactional in-memory key-value server with WebAssembly stored procedures.
@@ -63,6 +65,26 @@ pub enum Command {
     },
     /// Check that the server answers, and print the round-trip time.
     Ping,
+    /// Deploy a WebAssembly module (e.g. target/procedures/bank.wasm) as NAME, replacing any
+    /// module of that name.
+    Deploy {
+        /// Module name.
+        name: String,
+        /// The .wasm file.
+        file: PathBuf,
+    },
+    /// Call a procedure as one transaction and print its JSON result.
+    Call {
+        /// Module name.
+        module: String,
+        /// Procedure name.
+        procedure: String,
+        /// Arguments as JSON, e.g. '{"from":"alice","to":"bob","amount":30}'.
+        #[arg(long, default_value = "null")]
+        json: String,
+    },
+    /// List deployed modules, their versions and procedures.
+    Procedures,
 }
 
 /// Options of `transdb serve`.
@@ -99,6 +121,36 @@ pub struct ServeArgs {
     /// Seconds shutdown waits for in-flight requests.
     #[arg(long, default_value_t = config::DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
+    /// Fuel per procedure call (about one unit per wasm instruction).
+    #[arg(long, default_value_t = runtime::DEFAULT_FUEL_PER_CALL)]
+    pub fuel_per_call: u64,
+    /// Linear memory per procedure call, in bytes.
+    #[arg(long, default_value_t = runtime::DEFAULT_MEMORY_BYTES)]
+    pub max_memory_bytes: usize,
+    /// Wasm stack per procedure call, in bytes.
+    #[arg(long, default_value_t = runtime::DEFAULT_WASM_STACK_BYTES)]
+    pub wasm_stack_bytes: usize,
+    /// Table elements per module instance.
+    #[arg(long, default_value_t = runtime::DEFAULT_TABLE_ELEMENTS)]
+    pub max_table_elements: usize,
+    /// Largest procedure result, in bytes.
+    #[arg(long, default_value_t = runtime::DEFAULT_OUTPUT_BYTES)]
+    pub max_output_bytes: usize,
+    /// Distinct keys one call may declare or touch.
+    #[arg(long, default_value_t = runtime::DEFAULT_KEYS_PER_CALL)]
+    pub max_keys_per_call: usize,
+    /// Largest module, in bytes.
+    #[arg(long, default_value_t = runtime::DEFAULT_MODULE_BYTES)]
+    pub max_module_bytes: usize,
+    /// Deployed modules at most.
+    #[arg(long, default_value_t = procedures::DEFAULT_MAX_MODULES)]
+    pub max_modules: usize,
+    /// Procedure calls running at once.
+    #[arg(long, default_value_t = runtime::DEFAULT_CONCURRENT_CALLS)]
+    pub max_concurrent_calls: u32,
+    /// Wall-clock backstop per call, in milliseconds (fuel is the real CPU limit).
+    #[arg(long, default_value_t = runtime::DEFAULT_DEADLINE.as_millis() as u64)]
+    pub call_deadline_ms: u64,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -130,6 +182,23 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    config.max_modules = args.max_modules;
+    config.runtime = RuntimeLimits {
+        fuel_per_call: args.fuel_per_call,
+        memory_bytes: args.max_memory_bytes,
+        wasm_stack_bytes: args.wasm_stack_bytes,
+        table_elements: args.max_table_elements,
+        output_bytes: args
+            .max_output_bytes
+            .min(transdb_proto::limits::MAX_VALUE_BYTES),
+        keys_per_call: args.max_keys_per_call,
+        module_bytes: args
+            .max_module_bytes
+            .min(transdb_proto::limits::MAX_VALUE_BYTES),
+        concurrent_calls: args.max_concurrent_calls,
+        deadline: Duration::from_millis(args.call_deadline_ms),
+        log_lines_per_call: runtime::DEFAULT_LOG_LINES_PER_CALL,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config::default_shards())
         .enable_all()
@@ -258,6 +327,52 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 client.server_addr(),
                 start.elapsed()
             );
+        }
+        Command::Deploy { name, file } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let info = client.deploy(name, &bytes).await?;
+            println!(
+                "deployed {} version {} ({} bytes): {}",
+                info.name,
+                &info.version[..12.min(info.version.len())],
+                info.size_bytes,
+                info.procedures
+                    .iter()
+                    .map(|procedure| procedure.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Command::Call {
+            module,
+            procedure,
+            json,
+        } => {
+            let output = client.call_json(module, procedure, json).await?;
+            println!("{output}");
+        }
+        Command::Procedures => {
+            let modules = client.modules().await?;
+            if modules.is_empty() {
+                println!("no modules deployed (deploy one with `transdb deploy NAME FILE.wasm`)");
+            }
+            for module in modules {
+                println!(
+                    "{} version {} ({} bytes)",
+                    module.name,
+                    &module.version[..12.min(module.version.len())],
+                    module.size_bytes
+                );
+                for procedure in module.procedures {
+                    let keys = if procedure.declares_keys {
+                        "keys declared"
+                    } else {
+                        "keys discovered: locks every shard"
+                    };
+                    println!("  {} ({keys})", procedure.name);
+                }
+            }
         }
         Command::Serve(_) => unreachable!("serve is handled by the caller"),
     }

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::runtime::RuntimeLimits;
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 /// Default data directory, relative to the working directory.
@@ -49,6 +51,10 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Shutdown waits at most this long for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Limits of procedure calls and modules.
+    pub runtime: RuntimeLimits,
+    /// Deployed modules at most.
+    pub max_modules: usize,
 }
 
 impl ServerConfig {
@@ -63,6 +69,8 @@ impl ServerConfig {
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            runtime: RuntimeLimits::default(),
+            max_modules: crate::procedures::DEFAULT_MAX_MODULES,
         }
     }
 }

@@ -23,8 +23,11 @@ pub mod config;
 pub mod executor;
 pub mod identity;
 pub(crate) mod network;
+pub mod procedures;
+pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod transaction;
 
 pub use config::ServerConfig;
 pub use server::Server;

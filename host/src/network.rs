@@ -24,12 +24,11 @@ use transdb_client::wire::{FrameReader, ReadFrameError};
 use transdb_proto::frame::{self, FrameError};
 use transdb_proto::{ErrorCode, Request};
 
-use crate::executor;
-use crate::store::Store;
+use crate::executor::Executor;
 
 /// What every connection and stream task of one server shares.
 pub(crate) struct Shared {
-    pub store: Arc<Store>,
+    pub executor: Arc<Executor>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
     /// Every request-stream task.
@@ -126,11 +125,11 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
         };
         shared
             .streams
-            .spawn(serve_stream(send, recv, shared.store.clone()).in_current_span());
+            .spawn(serve_stream(send, recv, shared.executor.clone()).in_current_span());
     }
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, store: Arc<Store>) {
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, executor: Arc<Executor>) {
     let mut reader = FrameReader::new();
     let mut response = Vec::new();
     loop {
@@ -148,7 +147,19 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, store: Arc<Sto
             Err(error) => return reset(&mut send, &mut recv, error),
         };
         response.clear();
-        executor::execute(&store, request, &mut response);
+        if let Request::Deploy { .. } = request {
+            // Compiling a module takes milliseconds to seconds: not on an async worker.
+            let (executor, request) = (executor.clone(), request.into_owned());
+            response = tokio::task::spawn_blocking(move || {
+                let mut response = Vec::new();
+                executor.execute(request, &mut response);
+                response
+            })
+            .await
+            .expect("deploy does not panic");
+        } else {
+            executor.execute(request, &mut response);
+        }
         // If the client has already finished its side, the FIN goes out with the answer.
         let last = reader.finished_now(&mut recv).await;
         if let Err(error) = send.write_all(&response).await {

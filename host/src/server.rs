@@ -15,8 +15,11 @@ use tokio_util::task::TaskTracker;
 use transdb_proto::ErrorCode;
 
 use crate::config::ServerConfig;
+use crate::executor::Executor;
 use crate::identity::Identity;
 use crate::network::{self, Shared};
+use crate::procedures::Procedures;
+use crate::runtime::Runtime;
 use crate::store::Store;
 
 /// File in the data directory that a running server holds an exclusive lock on.
@@ -78,7 +81,13 @@ impl Server {
         })?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
-            store: Arc::new(Store::new(config.shards)),
+            executor: Arc::new(Executor {
+                store: Arc::new(Store::new(config.shards)),
+                procedures: Arc::new(Procedures::new(
+                    Runtime::new(config.runtime.clone())?,
+                    config.max_modules,
+                )),
+            }),
             shutdown: CancellationToken::new(),
             streams: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -112,7 +121,12 @@ impl Server {
 
     /// The store (for inspection in tests and tools).
     pub fn store(&self) -> &Store {
-        &self.shared.store
+        &self.shared.executor.store
+    }
+
+    /// The deployed procedures.
+    pub fn procedures(&self) -> &Procedures {
+        &self.shared.executor.procedures
     }
 
     /// Requests being served right now.

@@ -63,6 +63,40 @@ error_codes! {
     SHUTTING_DOWN = 32, "the server is shutting down: retry against another server or after it restarts";
     /// The server is at its connection limit.
     TOO_MANY_CONNECTIONS = 33, "the server is at its connection limit (--max-connections): retry later or share one connection";
+    /// A module or procedure name is not 1–64 letters, digits, `_` (and `-` for modules).
+    INVALID_NAME = 48, "invalid module or procedure name: use 1 to 64 ASCII letters, digits and _ (modules may also use -), not starting with a digit";
+    /// No module of that name is deployed.
+    MODULE_NOT_FOUND = 49, "no module of that name is deployed: deploy it first (transdb deploy NAME FILE.wasm) or check `transdb procedures`";
+    /// The module has no procedure of that name.
+    PROCEDURE_NOT_FOUND = 50, "the module has no procedure of that name: check `transdb procedures`";
+    /// The uploaded bytes are not a module this server can run.
+    INVALID_MODULE = 51, "the module was refused at deploy: the message says what is wrong";
+    /// The module is larger than the server's module size limit.
+    MODULE_TOO_LARGE = 52, "the module is larger than --max-module-bytes: build it in release mode with the wasm profile, or raise the limit";
+    /// The server holds its maximum number of modules.
+    TOO_MANY_MODULES = 53, "the server holds --max-modules modules: replace an existing one or raise the limit";
+    /// The procedure aborted the transaction; the message is the procedure's.
+    ABORTED = 64, "the procedure aborted the transaction; nothing was written";
+    /// The procedure panicked; the message is the panic message.
+    GUEST_PANIC = 65, "the procedure panicked; nothing was written";
+    /// The procedure used all its fuel (its deterministic CPU limit).
+    OUT_OF_FUEL = 66, "the procedure ran out of fuel (--fuel-per-call); nothing was written";
+    /// The procedure trapped: memory or stack limit, unreachable, out-of-bounds access, ...
+    GUEST_TRAP = 67, "the procedure trapped (a wasm fault or a memory or stack limit); nothing was written";
+    /// The arguments did not decode into the procedure's argument type.
+    INVALID_ARGUMENTS = 68, "the arguments do not match the procedure's argument type";
+    /// The procedure's result is larger than the output limit.
+    OUTPUT_TOO_LARGE = 69, "the procedure's result is larger than --max-output-bytes; nothing was written";
+    /// The procedure touched a key outside the key set it declared.
+    KEY_NOT_DECLARED = 70, "the procedure touched a key its key function did not declare (or wrote a read-only one); nothing was written";
+    /// The transaction touches more keys than allowed.
+    TOO_MANY_KEYS = 71, "the transaction touches more keys than --max-keys-per-call; nothing was written";
+    /// The procedure ran past the wall-clock backstop (a node fault, not the procedure's).
+    DEADLINE_EXCEEDED = 72, "the call exceeded the server's wall-clock backstop; nothing was written: the server may be overloaded";
+    /// The procedure read a stored value it could not decode.
+    INVALID_VALUE = 73, "the procedure read a stored value it could not decode; nothing was written";
+    /// The guest called a host function wrongly (bad pointer, bad UTF-8, wrong phase).
+    ABI_VIOLATION = 74, "the module broke the host ABI (see ABI.md); nothing was written";
 }
 
 impl fmt::Debug for ErrorCode {

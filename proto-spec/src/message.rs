@@ -10,6 +10,8 @@
 //! outlives its frame.
 
 use alloc::borrow::Cow;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +43,63 @@ pub enum Request<'a> {
         #[serde(borrow)]
         key: Cow<'a, str>,
     },
+    /// Install a WebAssembly module under `name`, replacing any module of that name;
+    /// answered with [`Response::Deployed`].
+    Deploy {
+        /// Module name: 1–64 ASCII letters, digits, `_` or `-`, not starting with a digit.
+        #[serde(borrow)]
+        name: Cow<'a, str>,
+        /// The module's bytes (a `.wasm` file).
+        #[serde(borrow, with = "serde_bytes")]
+        module: Cow<'a, [u8]>,
+    },
+    /// Run a procedure as one transaction; answered with [`Response::Output`].
+    Call {
+        /// Module name.
+        #[serde(borrow)]
+        module: Cow<'a, str>,
+        /// Procedure name.
+        #[serde(borrow)]
+        procedure: Cow<'a, str>,
+        /// How `args` and the result are encoded.
+        encoding: Encoding,
+        /// The arguments, at most [`crate::limits::MAX_VALUE_BYTES`].
+        #[serde(borrow, with = "serde_bytes")]
+        args: Cow<'a, [u8]>,
+    },
+    /// List the deployed modules; answered with [`Response::Modules`].
+    ListModules,
+}
+
+/// Encoding of a call's arguments and result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// postcard (what the Rust client uses).
+    Postcard,
+    /// JSON text (what the CLI and scripts use).
+    Json,
+}
+
+/// A deployed module, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// Module name.
+    pub name: String,
+    /// Version: SHA-256 of the module's bytes, in hex.
+    pub version: String,
+    /// Size of the module, in bytes.
+    pub size_bytes: u64,
+    /// Its procedures, by name.
+    pub procedures: Vec<ProcedureInfo>,
+}
+
+/// A procedure of a deployed module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcedureInfo {
+    /// Procedure name.
+    pub name: String,
+    /// Whether it declares its key set from its arguments (a key function).
+    pub declares_keys: bool,
 }
 
 /// The server's response to one [`Request`].
@@ -59,6 +118,13 @@ pub enum Response<'a> {
         /// Whether the key existed before this delete.
         existed: bool,
     },
+    /// Answer to [`Request::Deploy`]: the module is installed.
+    Deployed(ModuleInfo),
+    /// Answer to [`Request::Call`]: the transaction committed; the procedure's result in the
+    /// call's encoding.
+    Output(#[serde(borrow, with = "serde_bytes")] Cow<'a, [u8]>),
+    /// Answer to [`Request::ListModules`].
+    Modules(Vec<ModuleInfo>),
 }
 
 impl Request<'_> {
@@ -76,6 +142,22 @@ impl Request<'_> {
             Request::Delete { key } => Request::Delete {
                 key: Cow::Owned(key.into_owned()),
             },
+            Request::Deploy { name, module } => Request::Deploy {
+                name: Cow::Owned(name.into_owned()),
+                module: Cow::Owned(module.into_owned()),
+            },
+            Request::Call {
+                module,
+                procedure,
+                encoding,
+                args,
+            } => Request::Call {
+                module: Cow::Owned(module.into_owned()),
+                procedure: Cow::Owned(procedure.into_owned()),
+                encoding,
+                args: Cow::Owned(args.into_owned()),
+            },
+            Request::ListModules => Request::ListModules,
         }
     }
 }
@@ -91,6 +173,9 @@ impl Response<'_> {
             }
             Response::Stored => Response::Stored,
             Response::Deleted { existed } => Response::Deleted { existed },
+            Response::Deployed(info) => Response::Deployed(info),
+            Response::Output(output) => Response::Output(Cow::Owned(output.into_owned())),
+            Response::Modules(modules) => Response::Modules(modules),
         }
     }
 
@@ -102,6 +187,9 @@ impl Response<'_> {
             Response::Value(_) => "Value",
             Response::Stored => "Stored",
             Response::Deleted { .. } => "Deleted",
+            Response::Deployed(_) => "Deployed",
+            Response::Output(_) => "Output",
+            Response::Modules(_) => "Modules",
         }
     }
 }

@@ -23,7 +23,12 @@ use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendStream, WriteError};
 use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
+
+pub use transdb_proto::message::{ModuleInfo, ProcedureInfo};
 
 pub mod tls;
 pub mod wire;
@@ -213,6 +218,101 @@ impl Client {
         match self.request(&Request::Delete { key: key.into() }).await? {
             Response::Deleted { existed } => Ok(existed),
             other => Err(unexpected("Delete", &other)),
+        }
+    }
+
+    /// Deploys the WebAssembly module `module` (the bytes of a `.wasm` file) as `name`,
+    /// replacing any module of that name: calls already running finish on the old version,
+    /// later calls use the new one.
+    pub async fn deploy(&self, name: &str, module: &[u8]) -> Result<ModuleInfo, Error> {
+        if module.len() > limits::MAX_VALUE_BYTES {
+            return Err(Error::Rejected(ErrorResponse::new(
+                ErrorCode::MODULE_TOO_LARGE,
+                format!(
+                    "the module is {} bytes; no request can carry more than {}",
+                    module.len(),
+                    limits::MAX_VALUE_BYTES
+                ),
+            )));
+        }
+        match self
+            .request(&Request::Deploy {
+                name: name.into(),
+                module: module.into(),
+            })
+            .await?
+        {
+            Response::Deployed(info) => Ok(info),
+            other => Err(unexpected("Deploy", &other)),
+        }
+    }
+
+    /// Calls `procedure` of `module` with `args` as one transaction and returns its result.
+    /// Arguments and result travel in postcard, so `A` and `R` must match the procedure's
+    /// types field for field (share the type, e.g. from the procedure crate).
+    ///
+    /// A procedure that aborts returns [`Error::Rejected`] with code
+    /// [`ErrorCode::ABORTED`] and the procedure's message.
+    pub async fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        module: &str,
+        procedure: &str,
+        args: &A,
+    ) -> Result<R, Error> {
+        let args = postcard::to_allocvec(args)
+            .map_err(|error| Error::Config(format!("cannot encode the arguments: {error}")))?;
+        let output = self
+            .call_encoded(module, procedure, Encoding::Postcard, &args)
+            .await?;
+        postcard::from_bytes(&output).map_err(|error| {
+            Error::Protocol(format!(
+                "the result of {module}.{procedure} is not the expected type: {error}"
+            ))
+        })
+    }
+
+    /// Calls `procedure` of `module` with JSON arguments and returns the JSON result.
+    pub async fn call_json(
+        &self,
+        module: &str,
+        procedure: &str,
+        args: &str,
+    ) -> Result<String, Error> {
+        let output = self
+            .call_encoded(module, procedure, Encoding::Json, args.as_bytes())
+            .await?;
+        String::from_utf8(output).map_err(|_| {
+            Error::Protocol(format!(
+                "the JSON result of {module}.{procedure} is not UTF-8"
+            ))
+        })
+    }
+
+    async fn call_encoded(
+        &self,
+        module: &str,
+        procedure: &str,
+        encoding: Encoding,
+        args: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        check(limits::check_value(args))?;
+        let request = Request::Call {
+            module: module.into(),
+            procedure: procedure.into(),
+            encoding,
+            args: args.into(),
+        };
+        match self.request(&request).await? {
+            Response::Output(output) => Ok(output.into_owned()),
+            other => Err(unexpected("Call", &other)),
+        }
+    }
+
+    /// The deployed modules and their procedures.
+    pub async fn modules(&self) -> Result<Vec<ModuleInfo>, Error> {
+        match self.request(&Request::ListModules).await? {
+            Response::Modules(modules) => Ok(modules),
+            other => Err(unexpected("ListModules", &other)),
         }
     }
 

@@ -1,0 +1,207 @@
+//! One multi-key transaction over locked shards: reads see the transaction's own writes,
+//! writes are buffered and applied all together by [`Transaction::commit`], or dropped with
+//! the transaction.
+//!
+//! Isolation comes from the locks taken before the transaction starts (two-phase locking
+//! at shard granularity, shards locked in ascending order): with a declared key set, the
+//! shards of those keys (write-locked where a key is written); without one, every shard.
+//! A transaction that touches a key outside its declared set fails with
+//! `KEY_NOT_DECLARED`: its locks may not cover the key.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use transdb_proto::{ErrorCode, ErrorResponse, limits};
+
+use crate::store::{LockError, ShardLocks, Store};
+
+/// A declared key set: key → whether it may be written.
+pub type DeclaredKeys = HashMap<String, bool>;
+
+/// A transaction in progress.
+pub struct Transaction {
+    store: Arc<Store>,
+    locks: ShardLocks,
+    declared: Option<DeclaredKeys>,
+    /// Buffered writes; `None` deletes.
+    writes: HashMap<String, Option<Bytes>>,
+    /// Distinct keys touched, counted only without a declared set (a declared set is
+    /// bounded when it is declared).
+    touched: HashSet<String>,
+    max_keys: usize,
+}
+
+impl Transaction {
+    /// Locks what `declared` needs (or every shard) and starts a transaction.
+    pub fn begin(
+        store: Arc<Store>,
+        declared: Option<DeclaredKeys>,
+        max_keys: usize,
+    ) -> Transaction {
+        let locks = match &declared {
+            Some(keys) => store.lock(
+                keys.iter()
+                    .map(|(key, write)| (store.shard_index(key), *write)),
+            ),
+            None => store.lock_all(),
+        };
+        Transaction {
+            store,
+            locks,
+            declared,
+            writes: HashMap::new(),
+            touched: HashSet::new(),
+            max_keys,
+        }
+    }
+
+    fn admit(&mut self, key: &str, write: bool) -> Result<(), ErrorResponse> {
+        limits::check_key(key)?;
+        match &self.declared {
+            Some(declared) => match declared.get(key) {
+                Some(true) => Ok(()),
+                Some(false) if !write => Ok(()),
+                Some(false) => Err(ErrorResponse::new(
+                    ErrorCode::KEY_NOT_DECLARED,
+                    format!(
+                        "the procedure writes key {key:?}, which its key function declared read-only: declare it with keys.write"
+                    ),
+                )),
+                None => Err(ErrorResponse::new(
+                    ErrorCode::KEY_NOT_DECLARED,
+                    format!(
+                        "the procedure touches key {key:?}, which its key function did not declare: add it to the key function"
+                    ),
+                )),
+            },
+            None => {
+                if !self.touched.contains(key) {
+                    if self.touched.len() >= self.max_keys {
+                        return Err(too_many_keys(self.max_keys));
+                    }
+                    self.touched.insert(key.to_owned());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The value of `key` as this transaction sees it.
+    pub fn get(&mut self, key: &str) -> Result<Option<Bytes>, ErrorResponse> {
+        self.admit(key, false)?;
+        if let Some(written) = self.writes.get(key) {
+            return Ok(written.clone());
+        }
+        self.locks
+            .get(self.store.shard_index(key), key)
+            .map_err(lock_error)
+    }
+
+    /// Buffers `key = value`.
+    pub fn put(&mut self, key: &str, value: &[u8]) -> Result<(), ErrorResponse> {
+        self.admit(key, true)?;
+        limits::check_value(value)?;
+        self.writes
+            .insert(key.to_owned(), Some(Bytes::copy_from_slice(value)));
+        Ok(())
+    }
+
+    /// Buffers the deletion of `key`; returns whether it existed.
+    pub fn delete(&mut self, key: &str) -> Result<bool, ErrorResponse> {
+        let existed = self.get(key)?.is_some();
+        self.admit(key, true)?;
+        self.writes.insert(key.to_owned(), None);
+        Ok(existed)
+    }
+
+    /// Applies every buffered write and releases the locks.
+    pub fn commit(mut self) -> Result<(), ErrorResponse> {
+        let writes = std::mem::take(&mut self.writes)
+            .into_iter()
+            .map(|(key, value)| (self.store.shard_index(&key), key, value))
+            .collect();
+        self.locks.apply(writes).map_err(lock_error)
+    }
+}
+
+/// The error for a key set over `max_keys`.
+pub fn too_many_keys(max_keys: usize) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorCode::TOO_MANY_KEYS,
+        format!(
+            "the transaction touches more than {max_keys} keys (--max-keys-per-call): split it"
+        ),
+    )
+}
+
+fn lock_error(error: LockError) -> ErrorResponse {
+    // Unreachable while admission checks keys against the declared set the locks came from.
+    ErrorResponse::new(
+        ErrorCode::INTERNAL,
+        format!("transaction touched a shard it did not lock ({error:?})"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declared(keys: &[(&str, bool)]) -> Option<DeclaredKeys> {
+        Some(
+            keys.iter()
+                .map(|(key, write)| ((*key).to_owned(), *write))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn reads_see_own_writes_and_commit_applies_them_all() {
+        let store = Arc::new(Store::new(4));
+        store.put("a", Bytes::from_static(b"1"));
+        let mut tx = Transaction::begin(store.clone(), declared(&[("a", true), ("b", true)]), 10);
+        tx.put("b", b"2").unwrap();
+        assert_eq!(tx.get("b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert!(tx.delete("a").unwrap());
+        assert_eq!(tx.get("a").unwrap(), None);
+        tx.commit().unwrap();
+        assert_eq!(store.get("a"), None);
+        assert_eq!(store.get("b").as_deref(), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn a_dropped_transaction_applies_nothing_and_releases_its_locks() {
+        let store = Arc::new(Store::new(2));
+        let mut tx = Transaction::begin(store.clone(), None, 10);
+        tx.put("a", b"1").unwrap();
+        drop(tx);
+        assert_eq!(store.get("a"), None);
+        store.put("a", Bytes::from_static(b"free")); // would block forever if still locked
+    }
+
+    #[test]
+    fn undeclared_and_read_only_keys_are_refused() {
+        let store = Arc::new(Store::new(2));
+        let mut tx = Transaction::begin(store, declared(&[("r", false), ("w", true)]), 10);
+        assert!(tx.get("r").is_ok());
+        assert_eq!(
+            tx.put("r", b"x").unwrap_err().code,
+            ErrorCode::KEY_NOT_DECLARED
+        );
+        assert_eq!(
+            tx.get("other").unwrap_err().code,
+            ErrorCode::KEY_NOT_DECLARED
+        );
+        assert!(tx.put("w", b"x").is_ok());
+    }
+
+    #[test]
+    fn without_a_declared_set_the_number_of_keys_is_bounded() {
+        let store = Arc::new(Store::new(2));
+        let mut tx = Transaction::begin(store, None, 2);
+        tx.put("a", b"").unwrap();
+        tx.get("a").unwrap();
+        tx.get("b").unwrap();
+        assert_eq!(tx.get("c").unwrap_err().code, ErrorCode::TOO_MANY_KEYS);
+    }
+}
