@@ -70,6 +70,24 @@ impl TestServer {
     }
 }
 
+/// The bytes of a procedure module built by `scripts/build-procedures`
+/// (`target/procedures/<name>.wasm`).
+///
+/// # Panics
+/// With the command to run if it has not been built.
+pub fn procedure_module(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/procedures")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|error| {
+        panic!(
+            "cannot read {} ({error}): build the procedures first with `scripts/build-procedures` \
+             (`scripts/test` does it before running the tests)",
+            path.display()
+        )
+    })
+}
+
 /// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn`.
 pub async fn raw_connection(
     addr: SocketAddr,
