@@ -223,8 +223,11 @@ impl Runtime {
         if !bytes.starts_with(b"\0asm") {
             return Err(invalid("not a WebAssembly module (it does not start with \\0asm): deploy the .wasm file built by scripts/build-procedures".into()));
         }
-        let module = Module::new(&self.engine, bytes)
-            .map_err(|error| invalid(format!("not a valid WebAssembly module: {error:#}")))?;
+        let module = Module::new(&self.engine, bytes).map_err(|error| {
+            invalid(format!(
+                "the module is not valid WebAssembly or does not fit the limits: {error:#}"
+            ))
+        })?;
         check_imports(&module).map_err(invalid)?;
         let procedures = check_exports(&module).map_err(invalid)?;
         let instance_pre = self.linker.instantiate_pre(&module).map_err(|error| {

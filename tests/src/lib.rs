@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
@@ -157,6 +157,7 @@ pub fn transdb_binary() -> PathBuf {
 pub struct ChildServer {
     child: Child,
     lines: Receiver<String>,
+    log_lines: Receiver<String>,
     /// The address it printed it listens on.
     pub addr: SocketAddr,
 }
@@ -172,13 +173,15 @@ impl ChildServer {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("transdb serve starts");
-        let lines = line_channel(child.stdout.take().unwrap());
+        let lines = line_channel(child.stdout.take().unwrap(), "server");
+        let log_lines = line_channel(child.stderr.take().unwrap(), "server log");
         let mut server = ChildServer {
             child,
             lines,
+            log_lines,
             addr: "0.0.0.0:0".parse().unwrap(),
         };
         let line = server.wait_for_line("transdb listening on ");
@@ -210,6 +213,21 @@ impl ChildServer {
                         self.child.wait()
                     )
                 }
+            }
+        }
+    }
+
+    /// Waits for the next line of the server's log (stderr) that contains all of `parts`.
+    pub fn wait_for_log(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self
+                .log_lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if parts.iter().all(|part| line.contains(part)) => return line,
+                Ok(_) => continue,
+                Err(error) => panic!("no log line containing {parts:?} ({error})"),
             }
         }
     }
@@ -254,12 +272,15 @@ impl Drop for ChildServer {
     }
 }
 
-fn line_channel(stdout: ChildStdout) -> Receiver<String> {
+fn line_channel(
+    output: impl std::io::Read + Send + 'static,
+    tag: &'static str,
+) -> Receiver<String> {
     let (sender, receiver) = channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
+        for line in BufReader::new(output).lines() {
             let Ok(line) = line else { break };
-            println!("[server] {line}");
+            println!("[{tag}] {line}");
             if sender.send(line).is_err() {
                 break;
             }
