@@ -87,6 +87,10 @@ pub const DEFAULT_LOG_LINES_PER_CALL: usize = 64;
 
 /// Longest log line or failure message kept from a guest.
 const MAX_GUEST_MESSAGE_BYTES: usize = 4096;
+/// Memory kept mapped in a reused instance slot and reset with memset. Modules built with
+/// `scripts/build-procedures` (64 KiB stack) fit; memory beyond this is returned with
+/// madvise, which is correct but slower.
+const KEEP_RESIDENT_BYTES: usize = 256 * 1024;
 /// How often the epoch (the backstop's clock) advances.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -163,8 +167,11 @@ impl Runtime {
             .table_elements(limits.table_elements)
             .max_memories_per_module(1)
             .max_tables_per_module(1)
-            // Calls touch few pages: resetting them by memset beats madvise and refaulting.
-            .linear_memory_keep_resident(64 * 1024);
+            // A call's instance is reset when its slot is reused. Resetting with memset
+            // changes no page tables; madvise + copy-on-write refaults would cost a TLB
+            // shootdown (an IPI to every core) per page per call.
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES);
         let mut config = Config::new();
         config
             .consume_fuel(true)
@@ -172,6 +179,8 @@ impl Runtime {
             .cranelift_nan_canonicalization(true)
             .relaxed_simd_deterministic(true)
             .max_wasm_stack(limits.wasm_stack_bytes)
+            // See KEEP_RESIDENT_BYTES: data segments are copied in, not mapped copy-on-write.
+            .memory_init_cow(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine =
             Engine::new(&config).map_err(|error| anyhow::anyhow!("wasm engine: {error}"))?;
