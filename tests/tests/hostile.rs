@@ -41,7 +41,7 @@ fn bystander(
     tokio::spawn(async move {
         let mut i = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let (from, to) = if i % 2 == 0 {
+            let (from, to) = if i.is_multiple_of(2) {
                 ("alice", "bob")
             } else {
                 ("bob", "alice")
