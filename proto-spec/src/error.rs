@@ -158,6 +158,18 @@ mod tests {
     }
 
     #[test]
+    fn spec_lists_every_error_code_with_its_number() {
+        let spec = include_str!("../SPEC.md");
+        for code in ErrorCode::ALL {
+            let row = std::format!("| {} | `{}` |", code.0, code.name().unwrap());
+            assert!(
+                spec.contains(&row),
+                "SPEC.md's error table lacks the row starting {row:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_codes_survive_decoding_and_say_so() {
         let code: ErrorCode = postcard::from_bytes(&[0xe7, 0x07]).unwrap();
         assert_eq!(code, ErrorCode(999));

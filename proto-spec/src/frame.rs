@@ -231,6 +231,24 @@ mod tests {
                 "request Delete{key:\"bob\"}",
                 encode_to_vec(&Request::Delete { key: "bob".into() }).unwrap(),
             ),
+            (
+                "request Call{module:\"m\",procedure:\"p\",encoding:Json,args:\"{}\"}",
+                encode_to_vec(&Request::Call {
+                    module: "m".into(),
+                    procedure: "p".into(),
+                    encoding: crate::message::Encoding::Json,
+                    args: b"{}".as_slice().into(),
+                })
+                .unwrap(),
+            ),
+            (
+                "request ListModules",
+                encode_to_vec(&Request::ListModules).unwrap(),
+            ),
+            (
+                "response Output(\"ok\")",
+                encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),
+            ),
             ("response Pong", encode_to_vec(&Response::Pong).unwrap()),
             (
                 "response Value(None)",
