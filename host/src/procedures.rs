@@ -53,6 +53,9 @@ pub struct Procedures {
     runtime: Runtime,
     modules: RwLock<HashMap<String, Arc<DeployedModule>>>,
     max_modules: usize,
+    /// Deploys compile one at a time: compiling is CPU- and memory-heavy, and a burst of
+    /// uploads must not take every core (or every instance slot) from calls.
+    deploying: parking_lot::Mutex<()>,
 }
 
 impl Procedures {
@@ -62,6 +65,7 @@ impl Procedures {
             runtime,
             modules: RwLock::new(HashMap::new()),
             max_modules,
+            deploying: parking_lot::Mutex::new(()),
         }
     }
 
@@ -78,7 +82,9 @@ impl Procedures {
         {
             return Err(too_many_modules(self.max_modules));
         }
+        let compiling = self.deploying.lock();
         let compiled = self.runtime.compile(bytes)?;
+        drop(compiling);
         let module = Arc::new(DeployedModule {
             name: Arc::from(name),
             version: hex(&Sha256::digest(bytes)),
@@ -163,4 +169,56 @@ fn too_many_modules(limit: usize) -> ErrorResponse {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RuntimeLimits;
+
+    /// A module whose procedure `version` returns `text`.
+    fn versioned(text: &str) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                (import "transdb_v1" "output" (func $output (param i32 i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 0) "{text}")
+                (func (export "transdb_alloc") (param i32) (result i32) (i32.const 1024))
+                (func (export "transdb_proc_version") (param i32 i32 i32)
+                    (call $output (i32.const 0) (i32.const {len}))))"#,
+            len = text.len()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replaced_module_keeps_serving_calls_that_already_hold_it() {
+        let procedures = Procedures::new(Runtime::new(RuntimeLimits::default()).unwrap(), 10);
+        let store = Arc::new(Store::new(2));
+        let first = procedures.deploy("m", &versioned("one")).unwrap();
+        let running = procedures.module("m").unwrap(); // what a call in progress holds
+        let second = procedures.deploy("m", &versioned("two")).unwrap();
+        assert_ne!(first.version, second.version);
+        let old = procedures.runtime.call(
+            &running.name,
+            &running.compiled,
+            "version",
+            Encoding::Json,
+            b"",
+            &store,
+        );
+        assert_eq!(old.unwrap(), b"one");
+        let new = procedures.call("m", "version", Encoding::Json, b"", &store);
+        assert_eq!(new.unwrap(), b"two");
+        assert_eq!(procedures.list().len(), 1);
+    }
+
+    #[test]
+    fn the_module_limit_counts_names_not_versions() {
+        let procedures = Procedures::new(Runtime::new(RuntimeLimits::default()).unwrap(), 1);
+        procedures.deploy("a", &versioned("1")).unwrap();
+        procedures.deploy("a", &versioned("2")).unwrap();
+        let error = procedures.deploy("b", &versioned("3")).unwrap_err();
+        assert_eq!(error.code, ErrorCode::TOO_MANY_MODULES);
+    }
 }

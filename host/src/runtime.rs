@@ -31,7 +31,7 @@ use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse};
 use wasmtime::{
     Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory,
-    Module, PoolingAllocationConfig, Store as WasmStore, Trap, ValType,
+    Module, PoolConcurrencyLimitError, PoolingAllocationConfig, Store as WasmStore, Trap, ValType,
 };
 
 use crate::store::Store;
@@ -326,7 +326,11 @@ impl Runtime {
                     .commit()?;
                 Ok(output)
             }
-            Err(error) => Err(state.failure.take().unwrap_or_else(|| classify(&error))),
+            Err(error) => {
+                // Release the locks now, not after the instance is torn down.
+                drop(state.transaction.take());
+                Err(state.failure.take().unwrap_or_else(|| classify(&error)))
+            }
         }
     }
 
@@ -517,6 +521,14 @@ fn check_exports(module: &Module) -> Result<BTreeMap<String, ProcedureExport>, S
 
 /// The error of a call that trapped without recording a failure of its own.
 fn classify(error: &wasmtime::Error) -> ErrorResponse {
+    if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return ErrorResponse::new(
+            ErrorCode::OVERLOADED,
+            format!(
+                "every procedure-call slot is in use (--max-concurrent-calls): retry shortly ({error})"
+            ),
+        );
+    }
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => ErrorResponse::new(
             ErrorCode::OUT_OF_FUEL,
@@ -809,4 +821,74 @@ fn define_host_functions(linker: &mut Linker<CallState>) -> wasmtime::Result<()>
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_is_a_backstop_when_fuel_would_allow_more() {
+        let limits = RuntimeLimits {
+            fuel_per_call: u64::MAX / 2,
+            deadline: Duration::from_millis(50),
+            ..RuntimeLimits::default()
+        };
+        let runtime = Runtime::new(limits).unwrap();
+        let spin = wat::parse_str(
+            r#"(module (memory (export "memory") 1)
+                (func (export "transdb_alloc") (param i32) (result i32) (i32.const 0))
+                (func (export "transdb_proc_spin") (param i32 i32 i32) (loop $forever (br $forever))))"#,
+        )
+        .unwrap();
+        let module = runtime.compile(&spin).unwrap();
+        let store = Arc::new(Store::new(1));
+        let error = runtime
+            .call(
+                &Arc::from("m"),
+                &module,
+                "spin",
+                Encoding::Json,
+                b"",
+                &store,
+            )
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::DEADLINE_EXCEEDED, "{error}");
+    }
+
+    #[test]
+    fn a_call_that_runs_out_of_fuel_writes_nothing() {
+        let runtime = Runtime::new(RuntimeLimits {
+            fuel_per_call: 10_000,
+            ..RuntimeLimits::default()
+        })
+        .unwrap();
+        // Buffers a write on every iteration until the fuel is gone.
+        let writer = wat::parse_str(
+            r#"(module
+                (import "transdb_v1" "put" (func $put (param i32 i32 i32 i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 0) "k")
+                (func (export "transdb_alloc") (param i32) (result i32) (i32.const 1024))
+                (func (export "transdb_proc_write") (param i32 i32 i32)
+                    (loop $more
+                        (call $put (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 1))
+                        (br $more))))"#,
+        )
+        .unwrap();
+        let module = runtime.compile(&writer).unwrap();
+        let store = Arc::new(Store::new(1));
+        let error = runtime
+            .call(
+                &Arc::from("m"),
+                &module,
+                "write",
+                Encoding::Json,
+                b"",
+                &store,
+            )
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::OUT_OF_FUEL, "{error}");
+        assert_eq!(store.get("k"), None, "nothing written by the failed call");
+    }
 }

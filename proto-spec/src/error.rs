@@ -63,6 +63,8 @@ error_codes! {
     SHUTTING_DOWN = 32, "the server is shutting down: retry against another server or after it restarts";
     /// The server is at its connection limit.
     TOO_MANY_CONNECTIONS = 33, "the server is at its connection limit (--max-connections): retry later or share one connection";
+    /// The server has no capacity for the request right now; it did nothing.
+    OVERLOADED = 34, "the server is busy (e.g. all --max-concurrent-calls slots are in use); nothing was done: retry shortly";
     /// A module or procedure name is not 1–64 letters, digits, `_` (and `-` for modules).
     INVALID_NAME = 48, "invalid module or procedure name: use 1 to 64 ASCII letters, digits and _ (modules may also use -), not starting with a digit";
     /// No module of that name is deployed.
