@@ -26,6 +26,9 @@ struct Args {
     /// Server to use; without it, the app starts one on the embedded defaults.
     #[arg(long, env = "TRANSDB_SERVER")]
     server: Option<String>,
+    /// Address for the server the app starts itself (without --server).
+    #[arg(long, default_value = transdb_host::config::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
     /// Certificate to trust for --server (default: transdb-data/cert.pem).
     #[arg(long, env = "TRANSDB_CA")]
     ca: Option<PathBuf>,
@@ -83,7 +86,9 @@ async fn run(args: Args) -> Result<()> {
                 .with_env_filter("warn")
                 .with_writer(std::io::stderr)
                 .init();
-            let server = Server::start(ServerConfig::new(transdb_host::config::DEFAULT_DATA_DIR))
+            let mut config = ServerConfig::new(transdb_host::config::DEFAULT_DATA_DIR);
+            config.listen = args.listen;
+            let server = Server::start(config)
                 .await
                 .context("cannot start a server (is one already running here? then pass --server 127.0.0.1:7878)")?;
             println!(
