@@ -30,8 +30,9 @@ use transdb_proto::abi::{self, import};
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse};
 use wasmtime::{
-    Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory,
-    Module, PoolConcurrencyLimitError, PoolingAllocationConfig, Store as WasmStore, Trap, ValType,
+    Caller, Config, Engine, Extern, ExternType, InstanceAllocationStrategy, InstancePre, Linker,
+    Memory, Module, ModuleExport, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store as WasmStore, Trap, ValType,
 };
 
 use crate::store::Store;
@@ -112,15 +113,21 @@ impl Default for RuntimeLimits {
 }
 
 /// A procedure a module exports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ProcedureExport {
     /// Whether the module also exports a key function for it.
     pub declares_keys: bool,
+    /// The procedure export, resolved at deploy (no lookup by name per call).
+    run: ModuleExport,
+    /// The key function export.
+    keys: Option<ModuleExport>,
 }
 
 /// A validated, compiled module, ready to instantiate.
 pub struct CompiledModule {
     instance_pre: InstancePre<CallState>,
+    memory: ModuleExport,
+    alloc: ModuleExport,
     /// Procedures by name.
     pub procedures: BTreeMap<String, ProcedureExport>,
 }
@@ -238,7 +245,34 @@ impl Runtime {
             ))
         })?;
         check_imports(&module).map_err(invalid)?;
-        let procedures = check_exports(&module).map_err(invalid)?;
+        let resolve = |name: String| {
+            module
+                .get_export_index(&name)
+                .expect("checked by check_exports")
+        };
+        let procedures = check_exports(&module)
+            .map_err(invalid)?
+            .into_iter()
+            .map(|(name, declares_keys)| {
+                let run = resolve(format!("{}{name}", abi::EXPORT_PROCEDURE_PREFIX));
+                let keys =
+                    declares_keys.then(|| resolve(format!("{}{name}", abi::EXPORT_KEYS_PREFIX)));
+                (
+                    name,
+                    ProcedureExport {
+                        declares_keys,
+                        run,
+                        keys,
+                    },
+                )
+            })
+            .collect();
+        let memory = module
+            .get_export_index(abi::EXPORT_MEMORY)
+            .expect("checked by check_exports");
+        let alloc = module
+            .get_export_index(abi::EXPORT_ALLOC)
+            .expect("checked by check_exports");
         let instance_pre = self.linker.instantiate_pre(&module).map_err(|error| {
             invalid(format!(
                 "imports do not match the host functions of ABI.md: {error:#}"
@@ -246,6 +280,8 @@ impl Runtime {
         })?;
         let compiled = CompiledModule {
             instance_pre,
+            memory,
+            alloc,
             procedures,
         };
         // A trial instantiation catches memories and tables over the limits, and a start
@@ -309,7 +345,7 @@ impl Runtime {
             ));
         };
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
-        let outcome = self.run(&mut wasm, module, procedure, export, encoding, args, store);
+        let outcome = self.run(&mut wasm, module, export, encoding, args, store);
         let state = wasm.data_mut();
         match outcome {
             Ok(()) => {
@@ -334,12 +370,10 @@ impl Runtime {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         wasm: &mut WasmStore<CallState>,
         module: &CompiledModule,
-        procedure: &str,
         export: &ProcedureExport,
         encoding: Encoding,
         args: &[u8],
@@ -347,10 +381,17 @@ impl Runtime {
     ) -> wasmtime::Result<()> {
         let instance = module.instance_pre.instantiate(&mut *wasm)?;
         let memory = instance
-            .get_memory(&mut *wasm, abi::EXPORT_MEMORY)
+            .get_module_export(&mut *wasm, &module.memory)
+            .and_then(Extern::into_memory)
             .expect("checked at deploy");
         wasm.data_mut().memory = Some(memory);
-        let alloc = instance.get_typed_func::<i32, i32>(&mut *wasm, abi::EXPORT_ALLOC)?;
+        let function = |wasm: &mut WasmStore<CallState>, export: &ModuleExport| {
+            instance
+                .get_module_export(&mut *wasm, export)
+                .and_then(Extern::into_func)
+                .expect("checked at deploy")
+        };
+        let alloc = function(wasm, &module.alloc).typed::<i32, i32>(&*wasm)?;
         let place_args = |wasm: &mut WasmStore<CallState>| -> wasmtime::Result<(i32, i32)> {
             let length = i32::try_from(args.len())
                 .map_err(|_| wasmtime::Error::msg("arguments too large"))?;
@@ -366,24 +407,19 @@ impl Runtime {
                 })?;
             Ok((pointer, length))
         };
-        let declared = if export.declares_keys {
-            let keys = instance.get_typed_func::<(i32, i32, i32), ()>(
-                &mut *wasm,
-                &format!("{}{procedure}", abi::EXPORT_KEYS_PREFIX),
-            )?;
-            let (pointer, length) = place_args(wasm)?;
-            wasm.data_mut().declaring = Some(DeclaredKeys::new());
-            keys.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))?;
-            wasm.data_mut().declaring.take()
-        } else {
-            None
+        let declared = match &export.keys {
+            Some(keys) => {
+                let keys = function(wasm, keys).typed::<(i32, i32, i32), ()>(&*wasm)?;
+                let (pointer, length) = place_args(wasm)?;
+                wasm.data_mut().declaring = Some(DeclaredKeys::new());
+                keys.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))?;
+                wasm.data_mut().declaring.take()
+            }
+            None => None,
         };
         let max_keys = self.limits.keys_per_call;
         wasm.data_mut().transaction = Some(Transaction::begin(store.clone(), declared, max_keys));
-        let run = instance.get_typed_func::<(i32, i32, i32), ()>(
-            &mut *wasm,
-            &format!("{}{procedure}", abi::EXPORT_PROCEDURE_PREFIX),
-        )?;
+        let run = function(wasm, &export.run).typed::<(i32, i32, i32), ()>(&*wasm)?;
         let (pointer, length) = place_args(wasm)?;
         run.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))
     }
@@ -441,7 +477,8 @@ fn check_imports(module: &Module) -> Result<(), String> {
     Ok(())
 }
 
-fn check_exports(module: &Module) -> Result<BTreeMap<String, ProcedureExport>, String> {
+/// The procedures a module exports, each with whether it has a key function.
+fn check_exports(module: &Module) -> Result<BTreeMap<String, bool>, String> {
     let i32_params = |function: &wasmtime::FuncType, count: usize| {
         function.params().len() == count
             && function.params().all(|param| matches!(param, ValType::I32))
@@ -490,19 +527,14 @@ fn check_exports(module: &Module) -> Result<BTreeMap<String, ProcedureExport>, S
             }
         }
         if kind == "procedure" {
-            procedures.insert(
-                name.to_owned(),
-                ProcedureExport {
-                    declares_keys: false,
-                },
-            );
+            procedures.insert(name.to_owned(), false);
         } else {
             keys.push(name.to_owned());
         }
     }
     for name in keys {
         match procedures.get_mut(&name) {
-            Some(procedure) => procedure.declares_keys = true,
+            Some(declares_keys) => *declares_keys = true,
             None => {
                 return Err(format!(
                     "key function {name:?} has no procedure of the same name"
