@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod lock_manager;
 pub(crate) mod network;
 pub mod procedures;
 pub mod runtime;
