@@ -1,6 +1,6 @@
 //! In-process benchmark of the procedure call path, without the network: bank transfers
-//! between random accounts through the real wasm runtime, the transaction and the shard
-//! locks, with 1 and 2 threads, uniform and with a hot account.
+//! between random accounts through the real wasm runtime, the scheduler's key locks and the
+//! transaction, with 1 and 2 threads, uniform and with a hot account.
 //!
 //! Run: `scripts/build-procedures && cargo bench -p transdb-host --bench procedure_calls`
 //! (options after `--`: `--seconds N`, `--accounts N`, `--shards N`; default one shard per
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use transdb_host::procedures::Procedures;
 use transdb_host::runtime::{Runtime, RuntimeLimits};
+use transdb_host::scheduler::Scheduler;
 use transdb_host::store::Store;
 use transdb_proto::message::Encoding;
 
@@ -84,6 +85,7 @@ fn run(
     duration: Duration,
 ) -> f64 {
     let store = Arc::new(Store::new(shards));
+    let scheduler = Scheduler::new();
     let procedures = Arc::new(Procedures::new(
         Runtime::new(RuntimeLimits::default()).unwrap(),
         10,
@@ -104,7 +106,12 @@ fn run(
     let deadline = start + duration;
     let handles: Vec<_> = (0..threads)
         .map(|thread| {
-            let (store, procedures, names) = (store.clone(), procedures.clone(), names.clone());
+            let (store, procedures, names, scheduler) = (
+                store.clone(),
+                procedures.clone(),
+                names.clone(),
+                scheduler.clone(),
+            );
             std::thread::spawn(move || {
                 let mut random = (thread as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let mut next = move || {
@@ -133,7 +140,14 @@ fn run(
                         };
                         arguments.extend_from_slice(&postcard::to_allocvec(&transfer).unwrap());
                         procedures
-                            .call("bank", "transfer", Encoding::Postcard, &arguments, &store)
+                            .call_blocking(
+                                &scheduler,
+                                &store,
+                                "bank",
+                                "transfer",
+                                Encoding::Postcard,
+                                &arguments,
+                            )
                             .unwrap();
                         done += 1;
                     }

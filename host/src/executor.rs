@@ -1,85 +1,126 @@
-//! Execution: applies an admitted request to the store and encodes the response.
+//! Execution: applies an admitted request to the state and encodes the response.
 //!
-//! Single-key requests run directly on the calling network task under their shard's lock
-//! (see [`crate::store`]); procedure calls run in the wasm runtime as one transaction over
-//! the shards of their key set (see [`crate::transaction`]). The sequencer and scheduler
-//! will sit in front of this; it stays the one place where requests meet state.
+//! Every request that touches state is a transaction with a position in one total order
+//! and the locks of its keys ([`crate::scheduler`]): a single-key read or write locks its
+//! key; a procedure call is prepared first (instantiated, key function run — no locks), then
+//! waits for the locks of its declared keys (or of everything), then runs in the wasm
+//! runtime as one transaction (see [`crate::transaction`]). Waiting never holds a thread.
+//! This is the one place where requests meet state.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
+use crate::lock_manager::{LockSet, Mode};
 use crate::procedures::Procedures;
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 
-/// What requests execute against: the shards and the deployed procedures.
+/// What requests execute against: the shards, the deployed procedures, the scheduler.
 pub struct Executor {
     /// The shards.
     pub store: Arc<Store>,
     /// The deployed modules and their runtime.
     pub procedures: Arc<Procedures>,
+    /// Orders transactions and grants their locks.
+    pub scheduler: Arc<Scheduler>,
+    /// One permit per instance slot a call may hold (taken before instantiating), so calls
+    /// waiting for locks can never exhaust the slots that earlier calls need to finish.
+    call_slots: Semaphore,
 }
 
 impl Executor {
-    /// Admits and executes `request`, appending the response frame to `out`. A deploy
-    /// compiles the module: run it off the async workers.
-    pub fn execute(&self, request: Request<'_>, out: &mut Vec<u8>) {
+    /// An executor over `store` and `procedures`.
+    pub fn new(store: Arc<Store>, procedures: Arc<Procedures>) -> Executor {
+        // One slot stays free for a deploy's trial instantiation.
+        let slots = (procedures.runtime().limits().concurrent_calls as usize)
+            .saturating_sub(1)
+            .max(1);
+        Executor {
+            store,
+            procedures,
+            scheduler: Scheduler::new(),
+            call_slots: Semaphore::new(slots),
+        }
+    }
+
+    /// Admits and executes `request`, appending the response frame to `out`.
+    pub async fn execute(&self, request: Request<'_>, out: &mut Vec<u8>) {
         if let Err(refusal) = admission::admit(&request) {
             return encode(&Response::Error(refusal), out);
         }
-        let store = &*self.store;
-        match request {
-            Request::Deploy { name, module } => {
-                let response = match self.procedures.deploy(&name, &module) {
-                    Ok(info) => Response::Deployed(info),
-                    Err(error) => Response::Error(error),
-                };
-                encode(&response, out);
+        let response = match request {
+            Request::Ping => Response::Pong,
+            Request::Get { key } => {
+                let _locks = self.scheduler.acquire(one_key(&key, Mode::Shared)).await;
+                let value = self.store.get(&key);
+                return encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
+            }
+            Request::Put { key, value } => {
+                let _locks = self.scheduler.acquire(one_key(&key, Mode::Exclusive)).await;
+                self.store.put(&key, Bytes::copy_from_slice(&value));
+                Response::Stored
+            }
+            Request::Delete { key } => {
+                let _locks = self.scheduler.acquire(one_key(&key, Mode::Exclusive)).await;
+                Response::Deleted {
+                    existed: self.store.delete(&key),
+                }
             }
             Request::Call {
                 module,
                 procedure,
                 encoding,
                 args,
-            } => {
-                let response =
-                    match self
-                        .procedures
-                        .call(&module, &procedure, encoding, &args, &self.store)
-                    {
-                        Ok(output) => Response::Output(Cow::Owned(output)),
-                        Err(error) => Response::Error(error),
-                    };
-                encode(&response, out);
+            } => match self.call(&module, &procedure, encoding, &args).await {
+                Ok(output) => Response::Output(Cow::Owned(output)),
+                Err(error) => Response::Error(error),
+            },
+            Request::Deploy { name, module } => {
+                // Compiling takes milliseconds to seconds: not on an async worker.
+                let (procedures, name, module) = (
+                    self.procedures.clone(),
+                    name.into_owned(),
+                    module.into_owned(),
+                );
+                match tokio::task::spawn_blocking(move || procedures.deploy(&name, &module)).await {
+                    Ok(Ok(info)) => Response::Deployed(info),
+                    Ok(Err(error)) => Response::Error(error),
+                    Err(panic) => Response::Error(ErrorResponse::new(
+                        ErrorCode::INTERNAL,
+                        format!("deploy failed: {panic}"),
+                    )),
+                }
             }
-            Request::ListModules => encode(&Response::Modules(self.procedures.list()), out),
-            other => execute_key_value(store, other, out),
-        }
+            Request::ListModules => Response::Modules(self.procedures.list()),
+        };
+        encode(&response, out);
+    }
+
+    async fn call(
+        &self,
+        module: &str,
+        procedure: &str,
+        encoding: transdb_proto::message::Encoding,
+        args: &[u8],
+    ) -> Result<Vec<u8>, ErrorResponse> {
+        let _slot = self
+            .call_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let prepared = self.procedures.prepare(module, procedure, encoding, args)?;
+        let _locks = self.scheduler.acquire(prepared.lock_set()).await;
+        prepared.execute(&self.store, args)
     }
 }
 
-fn execute_key_value(store: &Store, request: Request<'_>, out: &mut Vec<u8>) {
-    match request {
-        Request::Ping => encode(&Response::Pong, out),
-        Request::Get { key } => {
-            let value = store.get(&key);
-            encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
-        }
-        Request::Put { key, value } => {
-            store.put(&key, Bytes::copy_from_slice(&value));
-            encode(&Response::Stored, out);
-        }
-        Request::Delete { key } => {
-            let existed = store.delete(&key);
-            encode(&Response::Deleted { existed }, out);
-        }
-        Request::Deploy { .. } | Request::Call { .. } | Request::ListModules => {
-            unreachable!("handled by Executor::execute")
-        }
-    }
+fn one_key(key: &str, mode: Mode) -> LockSet {
+    LockSet::Keys(vec![(key.to_owned(), mode)])
 }
 
 fn encode(response: &Response<'_>, out: &mut Vec<u8>) {
@@ -101,15 +142,18 @@ mod tests {
     fn executor() -> Executor {
         let runtime =
             crate::runtime::Runtime::new(crate::runtime::RuntimeLimits::default()).unwrap();
-        Executor {
-            store: Arc::new(Store::new(2)),
-            procedures: Arc::new(Procedures::new(runtime, 10)),
-        }
+        Executor::new(
+            Arc::new(Store::new(2)),
+            Arc::new(Procedures::new(runtime, 10)),
+        )
     }
 
     fn run(executor: &Executor, request: Request<'_>) -> Response<'static> {
         let mut out = Vec::new();
-        executor.execute(request, &mut out);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(executor.execute(request, &mut out));
         let (payload, consumed) = frame::split(&out).unwrap().unwrap();
         assert_eq!(consumed, out.len(), "exactly one response frame");
         frame::decode::<Response<'_>>(payload).unwrap().into_owned()

@@ -26,6 +26,7 @@ pub mod lock_manager;
 pub(crate) mod network;
 pub mod procedures;
 pub mod runtime;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod transaction;

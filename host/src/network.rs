@@ -147,19 +147,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, executor: Arc<
             Err(error) => return reset(&mut send, &mut recv, error),
         };
         response.clear();
-        if let Request::Deploy { .. } = request {
-            // Compiling a module takes milliseconds to seconds: not on an async worker.
-            let (executor, request) = (executor.clone(), request.into_owned());
-            response = tokio::task::spawn_blocking(move || {
-                let mut response = Vec::new();
-                executor.execute(request, &mut response);
-                response
-            })
-            .await
-            .expect("deploy does not panic");
-        } else {
-            executor.execute(request, &mut response);
-        }
+        executor.execute(request, &mut response).await;
         // If the client has already finished its side, the FIN goes out with the answer.
         let last = reader.finished_now(&mut recv).await;
         if let Err(error) = send.write_all(&response).await {

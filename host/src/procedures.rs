@@ -14,7 +14,8 @@ use transdb_proto::{ErrorCode, ErrorResponse, abi};
 
 use transdb_proto::message::Encoding;
 
-use crate::runtime::{CompiledModule, Runtime};
+use crate::runtime::{CompiledModule, PreparedCall, Runtime};
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 
 /// Default limit on the number of deployed modules.
@@ -124,26 +125,42 @@ impl Procedures {
         })
     }
 
-    /// Calls `procedure` of module `module` as one transaction.
-    pub fn call(
+    /// First half of a call (see [`Runtime::prepare`]): checks the names, takes the module
+    /// deployed right now (a later replacement does not affect this call), instantiates it
+    /// and runs the key function.
+    pub fn prepare(
         &self,
         module: &str,
         procedure: &str,
         encoding: Encoding,
         args: &[u8],
-        store: &Arc<Store>,
-    ) -> Result<Vec<u8>, ErrorResponse> {
+    ) -> Result<PreparedCall, ErrorResponse> {
         check_name(module, true, "module")?;
         check_name(procedure, false, "procedure")?;
         let deployed = self.module(module)?;
-        self.runtime.call(
+        self.runtime.prepare(
             &deployed.name,
             &deployed.compiled,
             procedure,
             encoding,
             args,
-            store,
         )
+    }
+
+    /// A whole call from a plain thread: prepare, wait for the locks, execute (for tests and
+    /// benchmarks; the server does the same asynchronously).
+    pub fn call_blocking(
+        &self,
+        scheduler: &Arc<Scheduler>,
+        store: &Arc<Store>,
+        module: &str,
+        procedure: &str,
+        encoding: Encoding,
+        args: &[u8],
+    ) -> Result<Vec<u8>, ErrorResponse> {
+        let prepared = self.prepare(module, procedure, encoding, args)?;
+        let _grant = scheduler.acquire_blocking(prepared.lock_set());
+        prepared.execute(store, args)
     }
 }
 
@@ -194,21 +211,15 @@ mod tests {
     #[test]
     fn a_replaced_module_keeps_serving_calls_that_already_hold_it() {
         let procedures = Procedures::new(Runtime::new(RuntimeLimits::default()).unwrap(), 10);
-        let store = Arc::new(Store::new(2));
+        let (scheduler, store) = (Scheduler::new(), Arc::new(Store::new(2)));
         let first = procedures.deploy("m", &versioned("one")).unwrap();
-        let running = procedures.module("m").unwrap(); // what a call in progress holds
+        let running = procedures
+            .prepare("m", "version", Encoding::Json, b"")
+            .unwrap(); // a call in progress
         let second = procedures.deploy("m", &versioned("two")).unwrap();
         assert_ne!(first.version, second.version);
-        let old = procedures.runtime.call(
-            &running.name,
-            &running.compiled,
-            "version",
-            Encoding::Json,
-            b"",
-            &store,
-        );
-        assert_eq!(old.unwrap(), b"one");
-        let new = procedures.call("m", "version", Encoding::Json, b"", &store);
+        assert_eq!(running.execute(&store, b"").unwrap(), b"one");
+        let new = procedures.call_blocking(&scheduler, &store, "m", "version", Encoding::Json, b"");
         assert_eq!(new.unwrap(), b"two");
         assert_eq!(procedures.list().len(), 1);
     }

@@ -14,6 +14,9 @@
 //!   WASI, clock or randomness; NaNs are canonicalised; relaxed SIMD is deterministic.
 //! - **All or nothing.** A call's writes go to a [`Transaction`] that is committed only when
 //!   the procedure returns a result; any failure drops it.
+//! - **Two halves.** [`Runtime::prepare`] instantiates and runs the key function without
+//!   locks; the caller then acquires the key set's locks from the scheduler and runs
+//!   [`PreparedCall::execute`]. Waiting for locks never holds a thread.
 //!
 //! Every host function checks its arguments (pointer ranges against the guest memory, UTF-8,
 //! limits, the phase it may be called in) and fails the call with a precise code instead of
@@ -30,13 +33,14 @@ use transdb_proto::abi::{self, import};
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse};
 use wasmtime::{
-    Caller, Config, Engine, Extern, ExternType, InstanceAllocationStrategy, InstancePre, Linker,
-    Memory, Module, ModuleExport, PoolConcurrencyLimitError, PoolingAllocationConfig,
-    Store as WasmStore, Trap, ValType,
+    Caller, Config, Engine, Extern, ExternType, Instance, InstanceAllocationStrategy, InstancePre,
+    Linker, Memory, Module, ModuleExport, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store as WasmStore, Trap, TypedFunc, ValType,
 };
 
+use crate::lock_manager::LockSet;
 use crate::store::Store;
-use crate::transaction::{DeclaredKeys, Transaction, too_many_keys};
+use crate::transaction::{DeclaredKeys, Transaction, lock_set, too_many_keys};
 
 /// Limits on what one call may use. Each is named, has a default, and is a `serve` flag.
 #[derive(Clone, Debug)]
@@ -320,16 +324,17 @@ impl Runtime {
         store
     }
 
-    /// Runs `procedure` of `module` as one transaction on `store` and returns its result.
-    pub fn call(
+    /// First half of a call: instantiates the module and runs the procedure's key function
+    /// (if any). Holds no lock; the caller acquires [`PreparedCall::lock_set`] and then
+    /// calls [`PreparedCall::execute`].
+    pub fn prepare(
         &self,
         module_name: &Arc<str>,
         module: &CompiledModule,
         procedure: &str,
         encoding: Encoding,
         args: &[u8],
-        store: &Arc<Store>,
-    ) -> Result<Vec<u8>, ErrorResponse> {
+    ) -> Result<PreparedCall, ErrorResponse> {
         let Some(export) = module.procedures.get(procedure) else {
             return Err(ErrorResponse::new(
                 ErrorCode::PROCEDURE_NOT_FOUND,
@@ -345,8 +350,60 @@ impl Runtime {
             ));
         };
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
-        let outcome = self.run(&mut wasm, module, export, encoding, args, store);
-        let state = wasm.data_mut();
+        match instantiate_and_declare(&mut wasm, module, export, encoding, args) {
+            Ok((instance, alloc, memory)) => {
+                let declared = wasm
+                    .data_mut()
+                    .declaring
+                    .take()
+                    .filter(|_| export.keys.is_some());
+                Ok(PreparedCall {
+                    wasm,
+                    instance,
+                    alloc,
+                    memory,
+                    run: export.run,
+                    encoding,
+                    declared,
+                    keys_per_call: self.limits.keys_per_call,
+                })
+            }
+            Err(error) => Err(wasm
+                .data_mut()
+                .failure
+                .take()
+                .unwrap_or_else(|| classify(&error))),
+        }
+    }
+}
+
+/// A call between its two halves: instantiated, key set known, no lock held.
+pub struct PreparedCall {
+    wasm: WasmStore<CallState>,
+    instance: Instance,
+    alloc: TypedFunc<i32, i32>,
+    memory: Memory,
+    run: ModuleExport,
+    encoding: Encoding,
+    declared: Option<DeclaredKeys>,
+    keys_per_call: usize,
+}
+
+impl PreparedCall {
+    /// The locks the call needs: its declared keys, or everything.
+    pub fn lock_set(&self) -> LockSet {
+        lock_set(self.declared.as_ref())
+    }
+
+    /// Second half of a call, with the locks of [`PreparedCall::lock_set`] held: runs the
+    /// procedure as one transaction on `store` and returns its result; commits only if
+    /// the procedure produced one.
+    pub fn execute(mut self, store: &Arc<Store>, args: &[u8]) -> Result<Vec<u8>, ErrorResponse> {
+        let transaction =
+            Transaction::begin(store.clone(), self.declared.take(), self.keys_per_call);
+        self.wasm.data_mut().transaction = Some(transaction);
+        let outcome = self.run(args);
+        let state = self.wasm.data_mut();
         match outcome {
             Ok(()) => {
                 let output = state.output.take().ok_or_else(|| {
@@ -359,70 +416,81 @@ impl Runtime {
                     .transaction
                     .take()
                     .expect("set before the procedure ran")
-                    .commit()?;
+                    .commit();
                 Ok(output)
             }
-            Err(error) => {
-                // Release the locks now, not after the instance is torn down.
-                drop(state.transaction.take());
-                Err(state.failure.take().unwrap_or_else(|| classify(&error)))
-            }
+            Err(error) => Err(state.failure.take().unwrap_or_else(|| classify(&error))),
         }
     }
 
-    fn run(
-        &self,
-        wasm: &mut WasmStore<CallState>,
-        module: &CompiledModule,
-        export: &ProcedureExport,
-        encoding: Encoding,
-        args: &[u8],
-        store: &Arc<Store>,
-    ) -> wasmtime::Result<()> {
-        let instance = module.instance_pre.instantiate(&mut *wasm)?;
-        let memory = instance
-            .get_module_export(&mut *wasm, &module.memory)
-            .and_then(Extern::into_memory)
-            .expect("checked at deploy");
-        wasm.data_mut().memory = Some(memory);
-        let function = |wasm: &mut WasmStore<CallState>, export: &ModuleExport| {
-            instance
-                .get_module_export(&mut *wasm, export)
-                .and_then(Extern::into_func)
-                .expect("checked at deploy")
-        };
-        let alloc = function(wasm, &module.alloc).typed::<i32, i32>(&*wasm)?;
-        let place_args = |wasm: &mut WasmStore<CallState>| -> wasmtime::Result<(i32, i32)> {
-            let length = i32::try_from(args.len())
-                .map_err(|_| wasmtime::Error::msg("arguments too large"))?;
-            let pointer = alloc.call(&mut *wasm, length)?;
-            memory
-                .write(&mut *wasm, pointer as u32 as usize, args)
-                .map_err(|_| {
-                    fail(
-                        wasm.data_mut(),
-                        ErrorCode::ABI_VIOLATION,
-                        "transdb_alloc returned memory outside the guest's memory".into(),
-                    )
-                })?;
-            Ok((pointer, length))
-        };
-        let declared = match &export.keys {
-            Some(keys) => {
-                let keys = function(wasm, keys).typed::<(i32, i32, i32), ()>(&*wasm)?;
-                let (pointer, length) = place_args(wasm)?;
-                wasm.data_mut().declaring = Some(DeclaredKeys::new());
-                keys.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))?;
-                wasm.data_mut().declaring.take()
-            }
-            None => None,
-        };
-        let max_keys = self.limits.keys_per_call;
-        wasm.data_mut().transaction = Some(Transaction::begin(store.clone(), declared, max_keys));
-        let run = function(wasm, &export.run).typed::<(i32, i32, i32), ()>(&*wasm)?;
-        let (pointer, length) = place_args(wasm)?;
-        run.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))
+    fn run(&mut self, args: &[u8]) -> wasmtime::Result<()> {
+        let run = self
+            .instance
+            .get_module_export(&mut self.wasm, &self.run)
+            .and_then(Extern::into_func)
+            .expect("checked at deploy")
+            .typed::<(i32, i32, i32), ()>(&self.wasm)?;
+        let (pointer, length) = place_args(&mut self.wasm, &self.alloc, self.memory, args)?;
+        run.call(
+            &mut self.wasm,
+            (pointer, length, encoding_abi(self.encoding)),
+        )
     }
+}
+
+/// Copies `args` into guest memory obtained from `transdb_alloc`.
+fn place_args(
+    wasm: &mut WasmStore<CallState>,
+    alloc: &TypedFunc<i32, i32>,
+    memory: Memory,
+    args: &[u8],
+) -> wasmtime::Result<(i32, i32)> {
+    let length =
+        i32::try_from(args.len()).map_err(|_| wasmtime::Error::msg("arguments too large"))?;
+    let pointer = alloc.call(&mut *wasm, length)?;
+    memory
+        .write(&mut *wasm, pointer as u32 as usize, args)
+        .map_err(|_| {
+            fail(
+                wasm.data_mut(),
+                ErrorCode::ABI_VIOLATION,
+                "transdb_alloc returned memory outside the guest's memory".into(),
+            )
+        })?;
+    Ok((pointer, length))
+}
+
+/// Instantiates `module` and, if the procedure has one, runs its key function, leaving the
+/// declared keys in the call state.
+fn instantiate_and_declare(
+    wasm: &mut WasmStore<CallState>,
+    module: &CompiledModule,
+    export: &ProcedureExport,
+    encoding: Encoding,
+    args: &[u8],
+) -> wasmtime::Result<(Instance, TypedFunc<i32, i32>, Memory)> {
+    let instance = module.instance_pre.instantiate(&mut *wasm)?;
+    let memory = instance
+        .get_module_export(&mut *wasm, &module.memory)
+        .and_then(Extern::into_memory)
+        .expect("checked at deploy");
+    wasm.data_mut().memory = Some(memory);
+    let alloc = instance
+        .get_module_export(&mut *wasm, &module.alloc)
+        .and_then(Extern::into_func)
+        .expect("checked at deploy")
+        .typed::<i32, i32>(&*wasm)?;
+    if let Some(keys) = &export.keys {
+        let keys = instance
+            .get_module_export(&mut *wasm, keys)
+            .and_then(Extern::into_func)
+            .expect("checked at deploy")
+            .typed::<(i32, i32, i32), ()>(&*wasm)?;
+        let (pointer, length) = place_args(wasm, &alloc, memory, args)?;
+        wasm.data_mut().declaring = Some(DeclaredKeys::new());
+        keys.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))?;
+    }
+    Ok((instance, alloc, memory))
 }
 
 impl Drop for Runtime {
@@ -859,6 +927,18 @@ fn define_host_functions(linker: &mut Linker<CallState>) -> wasmtime::Result<()>
 mod tests {
     use super::*;
 
+    /// A whole call without concurrency (no scheduler needed).
+    fn call(
+        runtime: &Runtime,
+        module: &CompiledModule,
+        procedure: &str,
+        store: &Arc<Store>,
+    ) -> Result<Vec<u8>, ErrorResponse> {
+        runtime
+            .prepare(&Arc::from("m"), module, procedure, Encoding::Json, b"")?
+            .execute(store, b"")
+    }
+
     #[test]
     fn the_deadline_is_a_backstop_when_fuel_would_allow_more() {
         let limits = RuntimeLimits {
@@ -875,16 +955,7 @@ mod tests {
         .unwrap();
         let module = runtime.compile(&spin).unwrap();
         let store = Arc::new(Store::new(1));
-        let error = runtime
-            .call(
-                &Arc::from("m"),
-                &module,
-                "spin",
-                Encoding::Json,
-                b"",
-                &store,
-            )
-            .unwrap_err();
+        let error = call(&runtime, &module, "spin", &store).unwrap_err();
         assert_eq!(error.code, ErrorCode::DEADLINE_EXCEEDED, "{error}");
     }
 
@@ -910,16 +981,7 @@ mod tests {
         .unwrap();
         let module = runtime.compile(&writer).unwrap();
         let store = Arc::new(Store::new(1));
-        let error = runtime
-            .call(
-                &Arc::from("m"),
-                &module,
-                "write",
-                Encoding::Json,
-                b"",
-                &store,
-            )
-            .unwrap_err();
+        let error = call(&runtime, &module, "write", &store).unwrap_err();
         assert_eq!(error.code, ErrorCode::OUT_OF_FUEL, "{error}");
         assert_eq!(store.get("k"), None, "nothing written by the failed call");
     }

@@ -81,13 +81,13 @@ impl Server {
         })?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
-            executor: Arc::new(Executor {
-                store: Arc::new(Store::new(config.shards)),
-                procedures: Arc::new(Procedures::new(
+            executor: Arc::new(Executor::new(
+                Arc::new(Store::new(config.shards)),
+                Arc::new(Procedures::new(
                     Runtime::new(config.runtime.clone())?,
                     config.max_modules,
                 )),
-            }),
+            )),
             shutdown: CancellationToken::new(),
             streams: TaskTracker::new(),
             connections: AtomicUsize::new(0),

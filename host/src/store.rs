@@ -18,11 +18,9 @@
 //! rarely meet on one lock, and when they do, the wait is one critical section.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::lock_api::{ArcRwLockReadGuard, ArcRwLockWriteGuard};
-use parking_lot::{RawRwLock, RwLock};
+use parking_lot::RwLock;
 use transdb_proto::shard::shard_for_key;
 
 /// Keys and bytes held by one shard.
@@ -37,7 +35,7 @@ pub struct ShardStats {
 /// One partition of the key space.
 #[derive(Default)]
 pub struct Shard {
-    state: Arc<RwLock<ShardState>>,
+    state: RwLock<ShardState>,
 }
 
 #[derive(Default)]
@@ -146,107 +144,35 @@ impl Store {
         shard_for_key(key, self.shards.len())
     }
 
-    /// Locks the given shards (`(index, write)`; duplicates merge, write wins) in ascending
-    /// index order, so that any two callers lock in the same order and never deadlock.
-    /// The locks are held until the returned value is dropped.
-    pub fn lock(&self, shards: impl IntoIterator<Item = (usize, bool)>) -> ShardLocks {
-        let mut wanted: Vec<(usize, bool)> = shards.into_iter().collect();
-        wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        wanted.dedup_by_key(|(index, _)| *index);
-        let guards = wanted
+    /// Applies a transaction's writes (`None` deletes). Each shard is write-locked once,
+    /// briefly; isolation between transactions comes from the key locks of
+    /// [`crate::lock_manager`], which the writer holds until this returns.
+    pub fn apply(&self, writes: Vec<(String, Option<Bytes>)>) {
+        let mut by_shard: Vec<(usize, String, Option<Bytes>)> = writes
             .into_iter()
-            .map(|(index, write)| {
-                let lock = &self.shards[index].state;
-                let guard = if write {
-                    ShardGuard::Write(lock.write_arc())
-                } else {
-                    ShardGuard::Read(lock.read_arc())
-                };
-                (index, guard)
-            })
+            .map(|(key, value)| (self.shard_index(&key), key, value))
             .collect();
-        ShardLocks { guards }
-    }
-
-    /// Write-locks every shard (for a transaction whose keys are not known up front).
-    pub fn lock_all(&self) -> ShardLocks {
-        self.lock((0..self.shards.len()).map(|index| (index, true)))
-    }
-}
-
-enum ShardGuard {
-    Read(ArcRwLockReadGuard<RawRwLock, ShardState>),
-    Write(ArcRwLockWriteGuard<RawRwLock, ShardState>),
-}
-
-impl ShardGuard {
-    fn state(&self) -> &ShardState {
-        match self {
-            ShardGuard::Read(guard) => guard,
-            ShardGuard::Write(guard) => guard,
-        }
-    }
-}
-
-/// Why a locked-shard operation is not allowed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LockError {
-    /// The key's shard is not locked at all.
-    NotLocked,
-    /// The key's shard is only read-locked.
-    ReadOnly,
-}
-
-/// Shards locked for one transaction, owned (no borrow of the store), released on drop.
-pub struct ShardLocks {
-    /// Sorted by shard index.
-    guards: Vec<(usize, ShardGuard)>,
-}
-
-impl ShardLocks {
-    fn guard(&self, shard: usize) -> Option<&ShardGuard> {
-        self.guards
-            .binary_search_by_key(&shard, |(index, _)| *index)
-            .ok()
-            .map(|at| &self.guards[at].1)
-    }
-
-    /// Whether `shard` is locked, and for writing.
-    pub fn mode(&self, shard: usize) -> Option<bool> {
-        self.guard(shard)
-            .map(|guard| matches!(guard, ShardGuard::Write(_)))
-    }
-
-    /// The committed value of `key` in `shard`.
-    pub fn get(&self, shard: usize, key: &str) -> Result<Option<Bytes>, LockError> {
-        let guard = self.guard(shard).ok_or(LockError::NotLocked)?;
-        Ok(guard.state().map.get(key).cloned())
-    }
-
-    /// Applies `writes` (`None` deletes) to write-locked shards. Checks every write before
-    /// applying any, so that it applies all or nothing.
-    pub fn apply(&mut self, writes: Vec<(usize, String, Option<Bytes>)>) -> Result<(), LockError> {
-        for (shard, _, _) in &writes {
-            if self.mode(*shard).ok_or(LockError::NotLocked)? {
-                continue;
-            }
-            return Err(LockError::ReadOnly);
-        }
-        for (shard, key, value) in writes {
-            let at = self
-                .guards
-                .binary_search_by_key(&shard, |(index, _)| *index)
-                .expect("checked above");
-            let ShardGuard::Write(guard) = &mut self.guards[at].1 else {
-                unreachable!("checked above")
-            };
-            let state: &mut ShardState = guard;
-            match value {
-                Some(value) => drop(state.put(&key, value)),
-                None => drop(state.delete(&key)),
+        by_shard.sort_unstable_by_key(|(shard, _, _)| *shard);
+        let mut replaced = Vec::with_capacity(by_shard.len());
+        let mut writes = by_shard.into_iter().peekable();
+        while let Some((shard, key, value)) = writes.next() {
+            let mut state = self.shards[shard].state.write();
+            let mut next = Some((key, value));
+            while let Some((key, value)) = next.take() {
+                replaced.push(match value {
+                    Some(value) => state.put(&key, value),
+                    None => state.delete(&key),
+                });
+                if writes
+                    .peek()
+                    .is_some_and(|(following, _, _)| *following == shard)
+                {
+                    let (_, key, value) = writes.next().expect("peeked");
+                    next = Some((key, value));
+                }
             }
         }
-        Ok(())
+        drop(replaced); // previous values are freed outside the shard locks
     }
 }
 
@@ -302,66 +228,27 @@ mod tests {
     }
 
     #[test]
-    fn locked_shards_read_and_apply_all_or_nothing() {
+    fn apply_writes_and_deletes_across_shards_and_keeps_the_stats() {
         let store = Store::new(4);
-        store.put("a", Bytes::from_static(b"1"));
-        let (a, b) = (store.shard_index("a"), store.shard_index("b"));
-        let mut locks = store.lock([(a, true), (b, false), (a, false)]);
-        assert_eq!(
-            locks.mode(a),
-            Some(true),
-            "write wins over read for the same shard"
-        );
-        assert_eq!(locks.get(a, "a").unwrap().as_deref(), Some(&b"1"[..]));
-        let unlocked = (0..4).find(|shard| locks.mode(*shard).is_none()).unwrap();
-        assert_eq!(locks.get(unlocked, "x"), Err(LockError::NotLocked));
-        if a != b {
-            let mixed = vec![
-                (a, "a".to_string(), None),
-                (b, "b".to_string(), Some(Bytes::from_static(b"2"))),
-            ];
-            assert_eq!(locks.apply(mixed), Err(LockError::ReadOnly));
+        store.put("gone", Bytes::from_static(b"x"));
+        let writes = (0..20)
+            .map(|i| (format!("k{i}"), Some(Bytes::from(vec![1; i]))))
+            .chain([("gone".to_string(), None)])
+            .collect();
+        store.apply(writes);
+        for i in 0..20 {
             assert_eq!(
-                locks.get(a, "a").unwrap().as_deref(),
-                Some(&b"1"[..]),
-                "nothing applied"
+                store.get(&format!("k{i}")).map(|value| value.len()),
+                Some(i)
             );
         }
-        locks.apply(vec![(a, "a".to_string(), None)]).unwrap();
-        drop(locks);
-        assert_eq!(store.get("a"), None);
+        assert_eq!(store.get("gone"), None);
+        let stats = store.shard_stats();
+        assert_eq!(stats.iter().map(|stats| stats.keys).sum::<usize>(), 20);
         assert_eq!(
-            store
-                .shard_stats()
-                .iter()
-                .map(|stats| stats.keys)
-                .sum::<usize>(),
-            0
+            stats.iter().map(|stats| stats.bytes).sum::<usize>(),
+            (0..20).map(|i| format!("k{i}").len() + i).sum::<usize>()
         );
-    }
-
-    #[test]
-    fn writers_locking_overlapping_shards_in_any_order_do_not_deadlock() {
-        let store = Store::new(4);
-        std::thread::scope(|scope| {
-            for thread in 0..4usize {
-                let store = &store;
-                scope.spawn(move || {
-                    for i in 0..2_000usize {
-                        let first = (thread + i) % 4;
-                        let second = (thread * 3 + i * 7) % 4;
-                        let mut locks = store.lock([(second, true), (first, true)]);
-                        let key = format!("{thread}");
-                        let shard = store.shard_index(&key);
-                        if locks.mode(shard) == Some(true) {
-                            locks
-                                .apply(vec![(shard, key, Some(Bytes::from(i.to_string())))])
-                                .unwrap();
-                        }
-                    }
-                });
-            }
-        });
     }
 
     #[test]

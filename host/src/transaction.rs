@@ -1,12 +1,10 @@
-//! One multi-key transaction over locked shards: reads see the transaction's own writes,
-//! writes are buffered and applied all together by [`Transaction::commit`], or dropped with
-//! the transaction.
+//! One multi-key transaction: reads see the transaction's own writes, writes are buffered
+//! and applied all together by [`Transaction::commit`], or dropped with the transaction.
 //!
-//! Isolation comes from the locks taken before the transaction starts (two-phase locking
-//! at shard granularity, shards locked in ascending order): with a declared key set, the
-//! shards of those keys (write-locked where a key is written); without one, every shard.
-//! A transaction that touches a key outside its declared set fails with
-//! `KEY_NOT_DECLARED`: its locks may not cover the key.
+//! Isolation comes from the key locks the scheduler granted before the transaction started
+//! ([`crate::lock_manager`]): the declared keys (exclusive where written), or everything
+//! when no key set was declared. A transaction that touches a key outside its declared set
+//! fails with `KEY_NOT_DECLARED`: no lock covers that key.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use transdb_proto::{ErrorCode, ErrorResponse, limits};
 
-use crate::store::{LockError, ShardLocks, Store};
+use crate::lock_manager::{LockSet, Mode};
+use crate::store::Store;
 
 /// A declared key set: key → whether it may be written.
 pub type DeclaredKeys = HashMap<String, bool>;
@@ -22,7 +21,6 @@ pub type DeclaredKeys = HashMap<String, bool>;
 /// A transaction in progress.
 pub struct Transaction {
     store: Arc<Store>,
-    locks: ShardLocks,
     declared: Option<DeclaredKeys>,
     /// Buffered writes; `None` deletes.
     writes: HashMap<String, Option<Bytes>>,
@@ -33,22 +31,14 @@ pub struct Transaction {
 }
 
 impl Transaction {
-    /// Locks what `declared` needs (or every shard) and starts a transaction.
+    /// Starts a transaction on `store`; the caller holds the locks of [`lock_set`].
     pub fn begin(
         store: Arc<Store>,
         declared: Option<DeclaredKeys>,
         max_keys: usize,
     ) -> Transaction {
-        let locks = match &declared {
-            Some(keys) => store.lock(
-                keys.iter()
-                    .map(|(key, write)| (store.shard_index(key), *write)),
-            ),
-            None => store.lock_all(),
-        };
         Transaction {
             store,
-            locks,
             declared,
             writes: HashMap::new(),
             touched: HashSet::new(),
@@ -93,9 +83,7 @@ impl Transaction {
         if let Some(written) = self.writes.get(key) {
             return Ok(written.clone());
         }
-        self.locks
-            .get(self.store.shard_index(key), key)
-            .map_err(lock_error)
+        Ok(self.store.get(key))
     }
 
     /// Buffers `key = value`.
@@ -115,13 +103,30 @@ impl Transaction {
         Ok(existed)
     }
 
-    /// Applies every buffered write and releases the locks.
-    pub fn commit(mut self) -> Result<(), ErrorResponse> {
-        let writes = std::mem::take(&mut self.writes)
-            .into_iter()
-            .map(|(key, value)| (self.store.shard_index(&key), key, value))
-            .collect();
-        self.locks.apply(writes).map_err(lock_error)
+    /// Applies every buffered write (the caller releases the locks afterwards).
+    pub fn commit(self) {
+        self.store.apply(self.writes.into_iter().collect());
+    }
+}
+
+/// The locks a transaction with `declared` keys (or none declared) must hold.
+pub fn lock_set(declared: Option<&DeclaredKeys>) -> LockSet {
+    match declared {
+        Some(keys) => LockSet::Keys(
+            keys.iter()
+                .map(|(key, write)| {
+                    (
+                        key.clone(),
+                        if *write {
+                            Mode::Exclusive
+                        } else {
+                            Mode::Shared
+                        },
+                    )
+                })
+                .collect(),
+        ),
+        None => LockSet::All,
     }
 }
 
@@ -132,14 +137,6 @@ pub fn too_many_keys(max_keys: usize) -> ErrorResponse {
         format!(
             "the transaction touches more than {max_keys} keys (--max-keys-per-call): split it"
         ),
-    )
-}
-
-fn lock_error(error: LockError) -> ErrorResponse {
-    // Unreachable while admission checks keys against the declared set the locks came from.
-    ErrorResponse::new(
-        ErrorCode::INTERNAL,
-        format!("transaction touched a shard it did not lock ({error:?})"),
     )
 }
 
@@ -164,19 +161,35 @@ mod tests {
         assert_eq!(tx.get("b").unwrap().as_deref(), Some(&b"2"[..]));
         assert!(tx.delete("a").unwrap());
         assert_eq!(tx.get("a").unwrap(), None);
-        tx.commit().unwrap();
+        tx.commit();
         assert_eq!(store.get("a"), None);
         assert_eq!(store.get("b").as_deref(), Some(&b"2"[..]));
     }
 
     #[test]
-    fn a_dropped_transaction_applies_nothing_and_releases_its_locks() {
+    fn a_dropped_transaction_applies_nothing() {
         let store = Arc::new(Store::new(2));
         let mut tx = Transaction::begin(store.clone(), None, 10);
         tx.put("a", b"1").unwrap();
         drop(tx);
         assert_eq!(store.get("a"), None);
-        store.put("a", Bytes::from_static(b"free")); // would block forever if still locked
+    }
+
+    #[test]
+    fn the_lock_set_follows_the_declared_keys() {
+        assert_eq!(lock_set(None), LockSet::All);
+        let LockSet::Keys(mut keys) = lock_set(declared(&[("r", false), ("w", true)]).as_ref())
+        else {
+            panic!()
+        };
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                ("r".to_string(), Mode::Shared),
+                ("w".to_string(), Mode::Exclusive)
+            ]
+        );
     }
 
     #[test]
