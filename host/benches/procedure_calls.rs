@@ -1,6 +1,8 @@
 //! In-process benchmark of the procedure call path, without the network: bank transfers
 //! between random accounts through the real wasm runtime, the scheduler's key locks and the
-//! transaction, with 1 and 2 threads, uniform and with a hot account.
+//! transaction, with 1 and 2 threads, uniform and with a hot account. Each thread keeps
+//! several calls in flight on its own async runtime, as the server's workers do, so a call
+//! waiting for a lock never idles a core.
 //!
 //! Run: `scripts/build-procedures && cargo bench -p transdb-host --bench procedure_calls`
 //! (options after `--`: `--seconds N`, `--accounts N`, `--shards N`; default one shard per
@@ -76,6 +78,10 @@ fn main() {
     }
 }
 
+/// Calls each thread keeps in flight: like the server's workers, a thread never waits for a
+/// lock itself; a waiting call yields and another runs.
+const CALLS_IN_FLIGHT_PER_THREAD: usize = 16;
+
 fn run(
     module: &[u8],
     accounts: usize,
@@ -113,46 +119,63 @@ fn run(
                 scheduler.clone(),
             );
             std::thread::spawn(move || {
-                let mut random = (thread as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let mut next = move || {
-                    random ^= random << 13;
-                    random ^= random >> 7;
-                    random ^= random << 17;
-                    random
-                };
-                let mut done = 0u64;
-                let mut arguments = Vec::new();
-                while Instant::now() < deadline {
-                    for _ in 0..100 {
-                        let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
-                        let from = if hot {
-                            0
-                        } else {
-                            (next() % names.len() as u64) as usize
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let calls = (0..CALLS_IN_FLIGHT_PER_THREAD).map(|task| {
+                    let (store, procedures, names, scheduler) = (
+                        store.clone(),
+                        procedures.clone(),
+                        names.clone(),
+                        scheduler.clone(),
+                    );
+                    let mut random = ((thread * CALLS_IN_FLIGHT_PER_THREAD + task) as u64 + 1)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    async move {
+                        let mut next = move || {
+                            random ^= random << 13;
+                            random ^= random >> 7;
+                            random ^= random << 17;
+                            random
                         };
-                        let to =
-                            (from + 1 + (next() % (names.len() as u64 - 1)) as usize) % names.len();
-                        arguments.clear();
-                        let transfer = Transfer {
-                            from: &names[from],
-                            to: &names[to],
-                            amount: 1,
-                        };
-                        arguments.extend_from_slice(&postcard::to_allocvec(&transfer).unwrap());
-                        procedures
-                            .call_blocking(
-                                &scheduler,
-                                &store,
-                                "bank",
-                                "transfer",
-                                Encoding::Postcard,
-                                &arguments,
-                            )
-                            .unwrap();
-                        done += 1;
+                        let mut done = 0u64;
+                        while Instant::now() < deadline {
+                            let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
+                            let from = if hot {
+                                0
+                            } else {
+                                (next() % names.len() as u64) as usize
+                            };
+                            let to = (from + 1 + (next() % (names.len() as u64 - 1)) as usize)
+                                % names.len();
+                            let transfer = Transfer {
+                                from: &names[from],
+                                to: &names[to],
+                                amount: 1,
+                            };
+                            let arguments = postcard::to_allocvec(&transfer).unwrap();
+                            let prepared = procedures
+                                .prepare("bank", "transfer", Encoding::Postcard, &arguments)
+                                .unwrap();
+                            let grant = scheduler.acquire(prepared.lock_set()).await;
+                            prepared.execute(&store, &arguments).unwrap();
+                            drop(grant);
+                            done += 1;
+                            // Let the other calls of this thread run, as a server's worker does.
+                            tokio::task::yield_now().await;
+                        }
+                        done
                     }
-                }
-                done
+                });
+                let local = tokio::task::LocalSet::new();
+                let handles: Vec<_> = calls.map(|call| local.spawn_local(call)).collect();
+                runtime.block_on(local.run_until(async move {
+                    let mut total = 0;
+                    for handle in handles {
+                        total += handle.await.unwrap();
+                    }
+                    total
+                }))
             })
         })
         .collect();

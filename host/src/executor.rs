@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
-use crate::lock_manager::{LockSet, Mode};
+use crate::lock_manager::{LockSet, Mode, lock_id};
 use crate::procedures::Procedures;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
@@ -120,7 +120,7 @@ impl Executor {
 }
 
 fn one_key(key: &str, mode: Mode) -> LockSet {
-    LockSet::Keys(vec![(key.to_owned(), mode)])
+    LockSet::Keys(vec![(lock_id(key), mode)])
 }
 
 fn encode(response: &Response<'_>, out: &mut Vec<u8>) {

@@ -3,19 +3,24 @@
 //! One node's pipeline, as `DESIGN.md` draws it, and where each stage lives:
 //!
 //! ```text
-//! client ──QUIC──▶ network ──▶ admission ──▶ executor ──▶ store (N shards)
+//! client ──QUIC──▶ network ──▶ admission ──▶ executor ──▶ scheduler ──▶ store (N shards)
+//!                                               └─▶ procedures ─▶ runtime (wasm)
 //! ```
 //!
 //! - `network`: QUIC endpoint, connections, one task per request stream, framing;
 //! - [`admission`]: the checks a request passes before it touches state (limits today);
-//! - [`executor`]: applies admitted requests to the store and encodes responses;
+//! - [`executor`]: runs admitted requests as transactions and encodes responses;
+//! - [`scheduler`] and [`lock_manager`]: a position in one total order per transaction, and
+//!   deterministic first-come-first-served key locks in that order;
+//! - [`transaction`]: the write buffer of a multi-key transaction;
+//! - [`procedures`] and [`runtime`]: deployed modules and the wasmtime runtime;
 //! - [`store`]: the sharded in-memory map;
 //! - [`server`]: wires the stages together, owns the data directory, shuts down gracefully;
 //! - [`identity`]: the TLS certificate and key; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client).
 //!
-//! The sequencer, command log, scheduler and transaction manager will sit between
-//! admission and the executor.
+//! The sequencer and command log will supply the positions the scheduler hands out today,
+//! and a two-phase-commit manager will commit across shards.
 
 pub mod admission;
 pub mod cli;

@@ -17,12 +17,24 @@
 //! A transaction whose keys are unknown locks everything: it takes the reserved global lock
 //! exclusively, and every other transaction takes it shared.
 //!
+//! Keys are locked by their stable 64-bit hash ([`LockId`], `transdb_proto::shard::key_hash`),
+//! so the table allocates no strings. Two keys with the same hash share a lock: a false
+//! conflict at worst, which costs waiting, never correctness or determinism.
+//!
 //! Pure logic: no threads, clocks or I/O. A scheduler drives it and runs what it grants.
 
 use std::collections::{HashMap, VecDeque};
 
 /// A transaction's place in the total order. Requests must come in increasing positions.
 pub type Position = u64;
+
+/// What a key is locked by: its stable hash.
+pub type LockId = u64;
+
+/// The lock of `key`.
+pub fn lock_id(key: &str) -> LockId {
+    transdb_proto::shard::key_hash(key)
+}
 
 /// How a key is locked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,8 +48,8 @@ pub enum Mode {
 /// What a transaction locks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LockSet {
-    /// These keys (a key listed twice is locked once, exclusive if either listing is).
-    Keys(Vec<(String, Mode)>),
+    /// These locks (one listed twice is taken once, exclusive if either listing is).
+    Keys(Vec<(LockId, Mode)>),
     /// Everything (the key set is not known).
     All,
 }
@@ -50,10 +62,10 @@ struct Request {
 }
 
 /// Which lock a queue is for: a key, or the global lock every transaction takes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Lock {
     Global,
-    Key(String),
+    Key(LockId),
 }
 
 #[derive(Debug)]
@@ -112,12 +124,12 @@ impl LockManager {
             }
         };
         // One request per lock, exclusive if any listing is.
-        wanted.sort_by(|a, b| lock_order(&a.0, &b.0).then(b.1.cmp(&a.1)));
+        wanted.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         wanted.dedup_by(|later, earlier| later.0 == earlier.0);
         let mut waiting = 0;
         let mut locks = Vec::with_capacity(wanted.len());
         for (lock, mode) in wanted {
-            let queue = self.queues.entry(lock.clone()).or_default();
+            let queue = self.queues.entry(lock).or_default();
             let granted = queue.iter().all(|earlier| compatible(earlier.mode, mode));
             queue.push_back(Request {
                 position,
@@ -197,15 +209,6 @@ fn compatible(earlier: Mode, later: Mode) -> bool {
     earlier == Mode::Shared && later == Mode::Shared
 }
 
-fn lock_order(a: &Lock, b: &Lock) -> std::cmp::Ordering {
-    match (a, b) {
-        (Lock::Global, Lock::Global) => std::cmp::Ordering::Equal,
-        (Lock::Global, Lock::Key(_)) => std::cmp::Ordering::Less,
-        (Lock::Key(_), Lock::Global) => std::cmp::Ordering::Greater,
-        (Lock::Key(a), Lock::Key(b)) => a.cmp(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,7 +218,7 @@ mod tests {
     fn keys(list: &[(&str, Mode)]) -> LockSet {
         LockSet::Keys(
             list.iter()
-                .map(|(key, mode)| ((*key).to_owned(), *mode))
+                .map(|(key, mode)| (lock_id(key), *mode))
                 .collect(),
         )
     }
@@ -317,16 +320,16 @@ mod tests {
         if transaction.all {
             return LockSet::All;
         }
-        let mut keys: Vec<(String, Mode)> = transaction
+        let mut keys: Vec<(LockId, Mode)> = transaction
             .reads
             .iter()
-            .map(|key| (key.to_string(), Mode::Shared))
+            .map(|key| (LockId::from(*key), Mode::Shared))
             .collect();
         keys.extend(
             transaction
                 .writes
                 .iter()
-                .map(|key| (key.to_string(), Mode::Exclusive)),
+                .map(|key| (LockId::from(*key), Mode::Exclusive)),
         );
         LockSet::Keys(keys)
     }

@@ -137,7 +137,7 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     fn write(key: &str) -> LockSet {
-        LockSet::Keys(vec![(key.to_owned(), Mode::Exclusive)])
+        LockSet::Keys(vec![(crate::lock_manager::lock_id(key), Mode::Exclusive)])
     }
 
     /// Polls once; the scheduler's futures enqueue on their first poll.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use transdb_proto::{ErrorCode, ErrorResponse, limits};
 
-use crate::lock_manager::{LockSet, Mode};
+use crate::lock_manager::{LockSet, Mode, lock_id};
 use crate::store::Store;
 
 /// A declared key set: key → whether it may be written.
@@ -116,7 +116,7 @@ pub fn lock_set(declared: Option<&DeclaredKeys>) -> LockSet {
             keys.iter()
                 .map(|(key, write)| {
                     (
-                        key.clone(),
+                        lock_id(key),
                         if *write {
                             Mode::Exclusive
                         } else {
@@ -183,13 +183,12 @@ mod tests {
             panic!()
         };
         keys.sort();
-        assert_eq!(
-            keys,
-            vec![
-                ("r".to_string(), Mode::Shared),
-                ("w".to_string(), Mode::Exclusive)
-            ]
-        );
+        let mut expected = vec![
+            (lock_id("r"), Mode::Shared),
+            (lock_id("w"), Mode::Exclusive),
+        ];
+        expected.sort();
+        assert_eq!(keys, expected);
     }
 
     #[test]
