@@ -157,7 +157,7 @@ fn run(
                             let prepared = procedures
                                 .prepare("bank", "transfer", Encoding::Postcard, &arguments)
                                 .unwrap();
-                            let grant = scheduler.acquire(prepared.lock_set()).await;
+                            let grant = scheduler.acquire(prepared.lock_set()).await.unwrap();
                             prepared.execute(&store, &arguments).unwrap();
                             drop(grant);
                             done += 1;

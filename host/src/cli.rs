@@ -85,6 +85,8 @@ pub enum Command {
     },
     /// List deployed modules, their versions and procedures.
     Procedures,
+    /// Print the server's statistics and the hash of its state (equal states, equal hashes).
+    Stats,
 }
 
 /// Options of `transdb serve`.
@@ -148,6 +150,9 @@ pub struct ServeArgs {
     /// Procedure calls running at once.
     #[arg(long, default_value_t = runtime::DEFAULT_CONCURRENT_CALLS)]
     pub max_concurrent_calls: u32,
+    /// Transactions ordered and unfinished at most; beyond, new requests get OVERLOADED.
+    #[arg(long, default_value_t = crate::scheduler::DEFAULT_MAX_PENDING_TRANSACTIONS)]
+    pub max_pending_transactions: usize,
     /// Wall-clock backstop per call, in milliseconds (fuel is the real CPU limit).
     #[arg(long, default_value_t = runtime::DEFAULT_DEADLINE.as_millis() as u64)]
     pub call_deadline_ms: u64,
@@ -183,6 +188,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs);
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.max_modules = args.max_modules;
+    config.max_pending_transactions = args.max_pending_transactions;
     config.runtime = RuntimeLimits {
         fuel_per_call: args.fuel_per_call,
         memory_bytes: args.max_memory_bytes,
@@ -372,6 +378,15 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                     };
                     println!("  {} ({keys})", procedure.name);
                 }
+            }
+        }
+        Command::Stats => {
+            let stats = client.stats().await?;
+            println!("position {}", stats.position);
+            println!("state hash {}", stats.state_hash);
+            println!("modules {}", stats.modules);
+            for (index, shard) in stats.shards.iter().enumerate() {
+                println!("shard {index}: {} keys, {} bytes", shard.keys, shard.bytes);
             }
         }
         Command::Serve(_) => unreachable!("serve is handled by the caller"),

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub runtime: RuntimeLimits,
     /// Deployed modules at most.
     pub max_modules: usize,
+    /// Transactions ordered and unfinished at most; beyond, new ones get `OVERLOADED`.
+    pub max_pending_transactions: usize,
 }
 
 impl ServerConfig {
@@ -71,6 +73,7 @@ impl ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             runtime: RuntimeLimits::default(),
             max_modules: crate::procedures::DEFAULT_MAX_MODULES,
+            max_pending_transactions: crate::scheduler::DEFAULT_MAX_PENDING_TRANSACTIONS,
         }
     }
 }

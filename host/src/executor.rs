@@ -11,14 +11,27 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::Semaphore;
+use transdb_proto::message::{Encoding, ServerStats};
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
-use crate::lock_manager::{LockSet, Mode, lock_id};
+use crate::lock_manager::{LockSet, Mode, Position, lock_id};
 use crate::procedures::Procedures;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Grant, Overloaded, Scheduler};
 use crate::store::Store;
+
+/// One transaction as it was ordered and answered (see [`Executor::with_history`]).
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// Its position in the total order.
+    pub position: Position,
+    /// The request.
+    pub request: Request<'static>,
+    /// The response frame sent back.
+    pub response: Vec<u8>,
+}
 
 /// What requests execute against: the shards, the deployed procedures, the scheduler.
 pub struct Executor {
@@ -31,11 +44,18 @@ pub struct Executor {
     /// One permit per instance slot a call may hold (taken before instantiating), so calls
     /// waiting for locks can never exhaust the slots that earlier calls need to finish.
     call_slots: Semaphore,
+    /// Every ordered transaction, when recording (tests; the command log will do this).
+    history: Option<Mutex<Vec<Recorded>>>,
 }
 
 impl Executor {
-    /// An executor over `store` and `procedures`.
-    pub fn new(store: Arc<Store>, procedures: Arc<Procedures>) -> Executor {
+    /// An executor over `store` and `procedures`, refusing new transactions while
+    /// `max_pending_transactions` are unfinished.
+    pub fn new(
+        store: Arc<Store>,
+        procedures: Arc<Procedures>,
+        max_pending_transactions: usize,
+    ) -> Executor {
         // One slot stays free for a deploy's trial instantiation.
         let slots = (procedures.runtime().limits().concurrent_calls as usize)
             .saturating_sub(1)
@@ -43,9 +63,28 @@ impl Executor {
         Executor {
             store,
             procedures,
-            scheduler: Scheduler::new(),
+            scheduler: Scheduler::with_limit(max_pending_transactions),
             call_slots: Semaphore::new(slots),
+            history: None,
         }
+    }
+
+    /// Records every ordered transaction with its position and response, for
+    /// [`Executor::take_history`]: what a replay needs to reproduce the state.
+    pub fn with_history(mut self) -> Executor {
+        self.history = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The transactions recorded so far, in position order.
+    pub fn take_history(&self) -> Vec<Recorded> {
+        let mut history = self
+            .history
+            .as_ref()
+            .map(|history| std::mem::take(&mut *history.lock()))
+            .unwrap_or_default();
+        history.sort_by_key(|recorded| recorded.position);
+        history
     }
 
     /// Admits and executes `request`, appending the response frame to `out`.
@@ -53,22 +92,43 @@ impl Executor {
         if let Err(refusal) = admission::admit(&request) {
             return encode(&Response::Error(refusal), out);
         }
-        let response = match request {
-            Request::Ping => Response::Pong,
-            Request::Get { key } => {
-                let _locks = self.scheduler.acquire(one_key(&key, Mode::Shared)).await;
-                let value = self.store.get(&key);
-                return encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
+        let recorded = self.history.as_ref().map(|_| request.clone().into_owned());
+        let start = out.len();
+        let grant = match request {
+            Request::Ping => {
+                encode(&Response::Pong, out);
+                None
             }
+            Request::Get { key } => match self.acquire(one_key(&key, Mode::Shared), out).await {
+                Some(grant) => {
+                    let value = self.store.get(&key);
+                    encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
+                    Some(grant)
+                }
+                None => None,
+            },
             Request::Put { key, value } => {
-                let _locks = self.scheduler.acquire(one_key(&key, Mode::Exclusive)).await;
-                self.store.put(&key, Bytes::copy_from_slice(&value));
-                Response::Stored
+                match self.acquire(one_key(&key, Mode::Exclusive), out).await {
+                    Some(grant) => {
+                        self.store.put(&key, Bytes::copy_from_slice(&value));
+                        encode(&Response::Stored, out);
+                        Some(grant)
+                    }
+                    None => None,
+                }
             }
             Request::Delete { key } => {
-                let _locks = self.scheduler.acquire(one_key(&key, Mode::Exclusive)).await;
-                Response::Deleted {
-                    existed: self.store.delete(&key),
+                match self.acquire(one_key(&key, Mode::Exclusive), out).await {
+                    Some(grant) => {
+                        encode(
+                            &Response::Deleted {
+                                existed: self.store.delete(&key),
+                            },
+                            out,
+                        );
+                        Some(grant)
+                    }
+                    None => None,
                 }
             }
             Request::Call {
@@ -76,9 +136,13 @@ impl Executor {
                 procedure,
                 encoding,
                 args,
-            } => match self.call(&module, &procedure, encoding, &args).await {
-                Ok(output) => Response::Output(Cow::Owned(output)),
-                Err(error) => Response::Error(error),
+            } => self.call(&module, &procedure, encoding, &args, out).await,
+            Request::Stats => match self.acquire(LockSet::All, out).await {
+                Some(grant) => {
+                    encode(&Response::Stats(self.stats(grant.position())), out);
+                    Some(grant)
+                }
+                None => None,
             },
             Request::Deploy { name, module } => {
                 // Compiling takes milliseconds to seconds: not on an async worker.
@@ -87,36 +151,103 @@ impl Executor {
                     name.into_owned(),
                     module.into_owned(),
                 );
-                match tokio::task::spawn_blocking(move || procedures.deploy(&name, &module)).await {
-                    Ok(Ok(info)) => Response::Deployed(info),
-                    Ok(Err(error)) => Response::Error(error),
-                    Err(panic) => Response::Error(ErrorResponse::new(
-                        ErrorCode::INTERNAL,
-                        format!("deploy failed: {panic}"),
-                    )),
-                }
+                let response =
+                    match tokio::task::spawn_blocking(move || procedures.deploy(&name, &module))
+                        .await
+                    {
+                        Ok(Ok(info)) => Response::Deployed(info),
+                        Ok(Err(error)) => Response::Error(error),
+                        Err(panic) => Response::Error(ErrorResponse::new(
+                            ErrorCode::INTERNAL,
+                            format!("deploy failed: {panic}"),
+                        )),
+                    };
+                encode(&response, out);
+                None
             }
-            Request::ListModules => Response::Modules(self.procedures.list()),
+            Request::ListModules => {
+                encode(&Response::Modules(self.procedures.list()), out);
+                None
+            }
         };
-        encode(&response, out);
+        if let (Some(history), Some(grant), Some(request)) = (&self.history, &grant, recorded) {
+            let response = out[start..].to_vec();
+            history.lock().push(Recorded {
+                position: grant.position(),
+                request,
+                response,
+            });
+        }
+        drop(grant); // the locks are released after the response is final
+    }
+
+    /// Orders a transaction and waits for its locks, or answers `OVERLOADED`.
+    async fn acquire(&self, locks: LockSet, out: &mut Vec<u8>) -> Option<Grant> {
+        match self.scheduler.acquire(locks).await {
+            Ok(grant) => Some(grant),
+            Err(overloaded) => {
+                encode(&Response::Error(overloaded_error(overloaded)), out);
+                None
+            }
+        }
     }
 
     async fn call(
         &self,
         module: &str,
         procedure: &str,
-        encoding: transdb_proto::message::Encoding,
+        encoding: Encoding,
         args: &[u8],
-    ) -> Result<Vec<u8>, ErrorResponse> {
+        out: &mut Vec<u8>,
+    ) -> Option<Grant> {
         let _slot = self
             .call_slots
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let prepared = self.procedures.prepare(module, procedure, encoding, args)?;
-        let _locks = self.scheduler.acquire(prepared.lock_set()).await;
-        prepared.execute(&self.store, args)
+        let prepared = match self.procedures.prepare(module, procedure, encoding, args) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                encode(&Response::Error(error), out);
+                return None;
+            }
+        };
+        let grant = self.acquire(prepared.lock_set(), out).await?;
+        let response = match prepared.execute(&self.store, args) {
+            Ok(output) => Response::Output(Cow::Owned(output)),
+            Err(error) => Response::Error(error),
+        };
+        encode(&response, out);
+        Some(grant)
     }
+
+    fn stats(&self, position: Position) -> ServerStats {
+        let hash = self.store.state_hash();
+        ServerStats {
+            position,
+            state_hash: hash.iter().map(|byte| format!("{byte:02x}")).collect(),
+            shards: self
+                .store
+                .shard_stats()
+                .into_iter()
+                .map(|shard| transdb_proto::message::ShardStats {
+                    keys: shard.keys as u64,
+                    bytes: shard.bytes as u64,
+                })
+                .collect(),
+            modules: self.procedures.list().len() as u64,
+        }
+    }
+}
+
+fn overloaded_error(overloaded: Overloaded) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorCode::OVERLOADED,
+        format!(
+            "{} transactions are pending, the limit (--max-pending-transactions): nothing was done, retry shortly",
+            overloaded.limit
+        ),
+    )
 }
 
 fn one_key(key: &str, mode: Mode) -> LockSet {
@@ -145,6 +276,7 @@ mod tests {
         Executor::new(
             Arc::new(Store::new(2)),
             Arc::new(Procedures::new(runtime, 10)),
+            1000,
         )
     }
 

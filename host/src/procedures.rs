@@ -159,7 +159,14 @@ impl Procedures {
         args: &[u8],
     ) -> Result<Vec<u8>, ErrorResponse> {
         let prepared = self.prepare(module, procedure, encoding, args)?;
-        let _grant = scheduler.acquire_blocking(prepared.lock_set());
+        let _grant = scheduler
+            .acquire_blocking(prepared.lock_set())
+            .map_err(|overloaded| {
+                ErrorResponse::new(
+                    ErrorCode::OVERLOADED,
+                    format!("{} transactions are pending: retry", overloaded.limit),
+                )
+            })?;
         prepared.execute(store, args)
     }
 }

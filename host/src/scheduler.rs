@@ -20,10 +20,22 @@ use tokio::sync::oneshot;
 
 use crate::lock_manager::{LockManager, LockSet, Position};
 
+/// Default limit on transactions ordered and not finished (running or waiting for locks).
+/// Each costs a few hundred bytes of lock-table state; beyond this, new requests are refused
+/// with `OVERLOADED` before they are ordered.
+pub const DEFAULT_MAX_PENDING_TRANSACTIONS: usize = 100_000;
+
 /// Orders transactions and grants their locks.
-#[derive(Default)]
 pub struct Scheduler {
     state: Mutex<State>,
+    max_pending: usize,
+}
+
+/// The scheduler is at its limit of pending transactions; nothing was ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overloaded {
+    /// The limit.
+    pub limit: usize,
 }
 
 #[derive(Default)]
@@ -56,32 +68,41 @@ impl Drop for Grant {
 }
 
 impl Scheduler {
-    /// A scheduler with no transactions.
+    /// A scheduler with no transactions and the default limit.
     pub fn new() -> Arc<Scheduler> {
-        Arc::new(Scheduler::default())
+        Self::with_limit(DEFAULT_MAX_PENDING_TRANSACTIONS)
     }
 
-    /// Orders a transaction that needs `locks` and waits until it holds them all.
-    pub async fn acquire(self: &Arc<Self>, locks: LockSet) -> Grant {
-        let (grant, waiting) = self.enqueue(locks);
+    /// A scheduler that refuses new transactions while `max_pending` are unfinished.
+    pub fn with_limit(max_pending: usize) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            state: Mutex::new(State::default()),
+            max_pending,
+        })
+    }
+
+    /// Orders a transaction that needs `locks` and waits until it holds them all; refuses
+    /// it, unordered, if the scheduler is at its limit.
+    pub async fn acquire(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
+        let (grant, waiting) = self.enqueue(locks)?;
         if let Some(granted) = waiting {
             // The sender is only dropped after sending or when the scheduler is dropped,
             // which cannot happen while this `Arc` is alive.
             let _ = granted.await;
         }
-        grant
+        Ok(grant)
     }
 
     /// [`Scheduler::acquire`] for threads outside an async runtime (tests, benchmarks).
     ///
     /// # Panics
     /// If called from within an async runtime.
-    pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Grant {
-        let (grant, waiting) = self.enqueue(locks);
+    pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
+        let (grant, waiting) = self.enqueue(locks)?;
         if let Some(granted) = waiting {
             let _ = granted.blocking_recv();
         }
-        grant
+        Ok(grant)
     }
 
     /// Transactions ordered and not finished.
@@ -89,8 +110,16 @@ impl Scheduler {
         self.state.lock().locks.len()
     }
 
-    fn enqueue(self: &Arc<Self>, locks: LockSet) -> (Grant, Option<oneshot::Receiver<()>>) {
+    fn enqueue(
+        self: &Arc<Self>,
+        locks: LockSet,
+    ) -> Result<(Grant, Option<oneshot::Receiver<()>>), Overloaded> {
         let mut state = self.state.lock();
+        if state.locks.len() >= self.max_pending {
+            return Err(Overloaded {
+                limit: self.max_pending,
+            });
+        }
         let position = state.next;
         state.next += 1;
         let waiting = if state.locks.request(position, locks) {
@@ -100,13 +129,13 @@ impl Scheduler {
             state.waiting.insert(position, wake);
             Some(granted)
         };
-        (
+        Ok((
             Grant {
                 scheduler: self.clone(),
                 position,
             },
             waiting,
-        )
+        ))
     }
 
     fn finish(&self, position: Position) {
@@ -150,20 +179,20 @@ mod tests {
     #[tokio::test]
     async fn a_conflicting_transaction_waits_for_the_earlier_one() {
         let scheduler = Scheduler::new();
-        let first = scheduler.acquire(write("a")).await;
+        let first = scheduler.acquire(write("a")).await.unwrap();
         let mut second = Box::pin(scheduler.acquire(write("a")));
         assert!(
             poll_once(&mut second).is_pending(),
             "a conflicting transaction waits"
         );
-        let unrelated = scheduler.acquire(write("b")).await;
+        let unrelated = scheduler.acquire(write("b")).await.unwrap();
         assert_eq!(
             unrelated.position(),
             2,
             "non-conflicting transactions do not wait"
         );
         drop(first);
-        let Poll::Ready(second) = poll_once(&mut second) else {
+        let Poll::Ready(Ok(second)) = poll_once(&mut second) else {
             panic!("granted when the first finished")
         };
         assert_eq!(second.position(), 1);
@@ -174,14 +203,14 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_goes_away_does_not_block_those_after_it() {
         let scheduler = Scheduler::new();
-        let first = scheduler.acquire(write("a")).await;
+        let first = scheduler.acquire(write("a")).await.unwrap();
         let mut abandoned = Box::pin(scheduler.acquire(write("a")));
         assert!(poll_once(&mut abandoned).is_pending());
         drop(abandoned);
         let mut third = Box::pin(scheduler.acquire(write("a")));
         assert!(poll_once(&mut third).is_pending());
         drop(first);
-        let Poll::Ready(third) = poll_once(&mut third) else {
+        let Poll::Ready(Ok(third)) = poll_once(&mut third) else {
             panic!("the abandoned transaction was not released")
         };
         assert_eq!(third.position(), 2);
@@ -192,12 +221,33 @@ mod tests {
     #[test]
     fn blocking_acquire_works_outside_a_runtime() {
         let scheduler = Scheduler::new();
-        let first = scheduler.acquire_blocking(write("a"));
+        let first = scheduler.acquire_blocking(write("a")).unwrap();
         let waiter = std::thread::spawn({
             let scheduler = scheduler.clone();
-            move || scheduler.acquire_blocking(write("a")).position()
+            move || scheduler.acquire_blocking(write("a")).unwrap().position()
         });
         drop(first);
         assert_eq!(waiter.join().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_new_transactions_are_refused_before_they_are_ordered() {
+        let scheduler = Scheduler::with_limit(2);
+        let first = scheduler.acquire(LockSet::All).await.unwrap();
+        let mut second = Box::pin(scheduler.acquire(write("a")));
+        assert!(poll_once(&mut second).is_pending());
+        let mut refused = Box::pin(scheduler.acquire(write("b")));
+        assert!(matches!(
+            poll_once(&mut refused),
+            Poll::Ready(Err(Overloaded { limit: 2 }))
+        ));
+        drop(first);
+        let Poll::Ready(Ok(second)) = poll_once(&mut second) else {
+            panic!("granted after the first")
+        };
+        assert_eq!(second.position(), 1);
+        drop(second);
+        let next = scheduler.acquire(write("b")).await.unwrap();
+        assert_eq!(next.position(), 2, "the refused request took no position");
     }
 }

@@ -87,6 +87,7 @@ impl Server {
                     Runtime::new(config.runtime.clone())?,
                     config.max_modules,
                 )),
+                config.max_pending_transactions,
             )),
             shutdown: CancellationToken::new(),
             streams: TaskTracker::new(),

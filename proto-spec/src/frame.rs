@@ -245,6 +245,7 @@ mod tests {
                 "request ListModules",
                 encode_to_vec(&Request::ListModules).unwrap(),
             ),
+            ("request Stats", encode_to_vec(&Request::Stats).unwrap()),
             (
                 "response Output(\"ok\")",
                 encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),

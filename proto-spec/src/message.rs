@@ -69,6 +69,8 @@ pub enum Request<'a> {
     },
     /// List the deployed modules; answered with [`Response::Modules`].
     ListModules,
+    /// The server's statistics and the hash of its state; answered with [`Response::Stats`].
+    Stats,
 }
 
 /// Encoding of a call's arguments and result.
@@ -125,6 +127,33 @@ pub enum Response<'a> {
     Output(#[serde(borrow, with = "serde_bytes")] Cow<'a, [u8]>),
     /// Answer to [`Request::ListModules`].
     Modules(Vec<ModuleInfo>),
+    /// Answer to [`Request::Stats`].
+    Stats(ServerStats),
+}
+
+/// What [`Request::Stats`] returns. Taken as one transaction that holds every lock, so the
+/// state hash is that of a consistent state at `position`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// The position of this statistics transaction in the server's total order: how many
+    /// transactions were ordered before it since the server started.
+    pub position: u64,
+    /// SHA-256, in hex, of every key and value in key order (see `SPEC.md`): equal states
+    /// have equal hashes, whatever their shard count or history.
+    pub state_hash: String,
+    /// Keys and bytes (of keys and values) per shard.
+    pub shards: Vec<ShardStats>,
+    /// Deployed modules.
+    pub modules: u64,
+}
+
+/// Keys and bytes of one shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    /// Number of keys.
+    pub keys: u64,
+    /// Bytes of keys and values.
+    pub bytes: u64,
 }
 
 impl Request<'_> {
@@ -158,6 +187,7 @@ impl Request<'_> {
                 args: Cow::Owned(args.into_owned()),
             },
             Request::ListModules => Request::ListModules,
+            Request::Stats => Request::Stats,
         }
     }
 }
@@ -176,6 +206,7 @@ impl Response<'_> {
             Response::Deployed(info) => Response::Deployed(info),
             Response::Output(output) => Response::Output(Cow::Owned(output.into_owned())),
             Response::Modules(modules) => Response::Modules(modules),
+            Response::Stats(stats) => Response::Stats(stats),
         }
     }
 
@@ -190,6 +221,7 @@ impl Response<'_> {
             Response::Deployed(_) => "Deployed",
             Response::Output(_) => "Output",
             Response::Modules(_) => "Modules",
+            Response::Stats(_) => "Stats",
         }
     }
 }

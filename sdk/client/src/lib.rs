@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
 
-pub use transdb_proto::message::{ModuleInfo, ProcedureInfo};
+pub use transdb_proto::message::{ModuleInfo, ProcedureInfo, ServerStats};
 
 pub mod tls;
 pub mod wire;
@@ -313,6 +313,15 @@ impl Client {
         match self.request(&Request::ListModules).await? {
             Response::Modules(modules) => Ok(modules),
             other => Err(unexpected("ListModules", &other)),
+        }
+    }
+
+    /// The server's statistics and the hash of its state, taken as one transaction that
+    /// holds every lock (a consistent state at `position`).
+    pub async fn stats(&self) -> Result<ServerStats, Error> {
+        match self.request(&Request::Stats).await? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected("Stats", &other)),
         }
     }
 
