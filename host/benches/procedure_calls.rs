@@ -155,7 +155,7 @@ fn run(
                             };
                             let arguments = postcard::to_allocvec(&transfer).unwrap();
                             let prepared = procedures
-                                .prepare("bank", "transfer", Encoding::Postcard, &arguments)
+                                .prepare("bank", "transfer", Encoding::Postcard, &arguments, &store)
                                 .unwrap();
                             let grant = scheduler.acquire(prepared.lock_set()).await.unwrap();
                             prepared.execute(&store, &arguments).unwrap();

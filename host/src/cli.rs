@@ -374,7 +374,7 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                     let keys = if procedure.declares_keys {
                         "keys declared"
                     } else {
-                        "keys discovered: locks every shard"
+                        "keys discovered by a reconnaissance run"
                     };
                     println!("  {} ({keys})", procedure.name);
                 }

@@ -18,7 +18,7 @@ use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
 use crate::lock_manager::{LockSet, Mode, Position, lock_id};
-use crate::procedures::Procedures;
+use crate::procedures::{MAX_RECONNAISSANCE_ATTEMPTS, Procedures, key_set_unstable};
 use crate::scheduler::{Grant, Overloaded, Scheduler};
 use crate::store::Store;
 
@@ -205,20 +205,35 @@ impl Executor {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let prepared = match self.procedures.prepare(module, procedure, encoding, args) {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                encode(&Response::Error(error), out);
-                return None;
-            }
-        };
-        let grant = self.acquire(prepared.lock_set(), out).await?;
-        let response = match prepared.execute(&self.store, args) {
-            Ok(output) => Response::Output(Cow::Owned(output)),
-            Err(error) => Response::Error(error),
-        };
-        encode(&response, out);
-        Some(grant)
+        for _ in 0..MAX_RECONNAISSANCE_ATTEMPTS {
+            let prepared =
+                match self
+                    .procedures
+                    .prepare(module, procedure, encoding, args, &self.store)
+                {
+                    Ok(prepared) => prepared,
+                    Err(error) => {
+                        encode(&Response::Error(error), out);
+                        return None;
+                    }
+                };
+            let reconnoitred = prepared.reconnoitred();
+            let grant = self.acquire(prepared.lock_set(), out).await?;
+            let response = match prepared.execute(&self.store, args) {
+                Ok(output) => Response::Output(Cow::Owned(output)),
+                // The state moved between reconnaissance and execution: a deterministic
+                // abort at this position, with no effect; try again at a later one.
+                Err(error) if reconnoitred && error.code == ErrorCode::KEY_NOT_DECLARED => continue,
+                Err(error) => Response::Error(error),
+            };
+            encode(&response, out);
+            return Some(grant);
+        }
+        encode(
+            &Response::Error(key_set_unstable(MAX_RECONNAISSANCE_ATTEMPTS)),
+            out,
+        );
+        None
     }
 
     fn stats(&self, position: Position) -> ServerStats {

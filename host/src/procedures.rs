@@ -21,6 +21,22 @@ use crate::store::Store;
 /// Default limit on the number of deployed modules.
 pub const DEFAULT_MAX_MODULES: usize = 100;
 
+/// How many times a call without a key function is reconnoitred and run before it fails
+/// with `KEY_SET_UNSTABLE`: each failed attempt means another transaction changed, between
+/// reconnaissance and execution, which keys this one touches.
+pub const MAX_RECONNAISSANCE_ATTEMPTS: usize = 5;
+
+/// The error after [`MAX_RECONNAISSANCE_ATTEMPTS`] failed attempts.
+pub fn key_set_unstable(attempts: usize) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorCode::KEY_SET_UNSTABLE,
+        format!(
+            "the procedure touched keys its reconnaissance had not seen, {attempts} times in a row \
+             (other transactions keep changing them): nothing was written; retry, or give it a key function"
+        ),
+    )
+}
+
 /// A deployed module.
 pub struct DeployedModule {
     name: Arc<str>,
@@ -134,6 +150,7 @@ impl Procedures {
         procedure: &str,
         encoding: Encoding,
         args: &[u8],
+        store: &Arc<Store>,
     ) -> Result<PreparedCall, ErrorResponse> {
         check_name(module, true, "module")?;
         check_name(procedure, false, "procedure")?;
@@ -144,6 +161,7 @@ impl Procedures {
             procedure,
             encoding,
             args,
+            store,
         )
     }
 
@@ -158,16 +176,28 @@ impl Procedures {
         encoding: Encoding,
         args: &[u8],
     ) -> Result<Vec<u8>, ErrorResponse> {
-        let prepared = self.prepare(module, procedure, encoding, args)?;
-        let _grant = scheduler
-            .acquire_blocking(prepared.lock_set())
-            .map_err(|overloaded| {
-                ErrorResponse::new(
-                    ErrorCode::OVERLOADED,
-                    format!("{} transactions are pending: retry", overloaded.limit),
-                )
-            })?;
-        prepared.execute(store, args)
+        let mut attempts = 0;
+        loop {
+            let prepared = self.prepare(module, procedure, encoding, args, store)?;
+            let reconnoitred = prepared.reconnoitred();
+            let _grant = scheduler
+                .acquire_blocking(prepared.lock_set())
+                .map_err(|overloaded| {
+                    ErrorResponse::new(
+                        ErrorCode::OVERLOADED,
+                        format!("{} transactions are pending: retry", overloaded.limit),
+                    )
+                })?;
+            match prepared.execute(store, args) {
+                Err(error) if reconnoitred && error.code == ErrorCode::KEY_NOT_DECLARED => {
+                    attempts += 1;
+                    if attempts >= MAX_RECONNAISSANCE_ATTEMPTS {
+                        return Err(key_set_unstable(attempts));
+                    }
+                }
+                outcome => return outcome,
+            }
+        }
     }
 }
 
@@ -221,7 +251,7 @@ mod tests {
         let (scheduler, store) = (Scheduler::new(), Arc::new(Store::new(2)));
         let first = procedures.deploy("m", &versioned("one")).unwrap();
         let running = procedures
-            .prepare("m", "version", Encoding::Json, b"")
+            .prepare("m", "version", Encoding::Json, b"", &store)
             .unwrap(); // a call in progress
         let second = procedures.deploy("m", &versioned("two")).unwrap();
         assert_ne!(first.version, second.version);

@@ -334,6 +334,7 @@ impl Runtime {
         procedure: &str,
         encoding: Encoding,
         args: &[u8],
+        store: &Arc<Store>,
     ) -> Result<PreparedCall, ErrorResponse> {
         let Some(export) = module.procedures.get(procedure) else {
             return Err(ErrorResponse::new(
@@ -349,14 +350,25 @@ impl Runtime {
                 ),
             ));
         };
+        // Without a key function: a reconnaissance run in a throwaway instance discovers the
+        // keys the procedure touches in the current state (OLLP).
+        let discovered = match export.keys {
+            Some(_) => None,
+            None => Some(self.reconnoitre(
+                module_name,
+                module,
+                procedure,
+                export,
+                encoding,
+                args,
+                store,
+            )),
+        };
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
         match instantiate_and_declare(&mut wasm, module, export, encoding, args) {
             Ok((instance, alloc, memory)) => {
-                let declared = wasm
-                    .data_mut()
-                    .declaring
-                    .take()
-                    .filter(|_| export.keys.is_some());
+                let reconnoitred = discovered.is_some();
+                let declared = discovered.or_else(|| wasm.data_mut().declaring.take());
                 Ok(PreparedCall {
                     wasm,
                     instance,
@@ -365,6 +377,7 @@ impl Runtime {
                     run: export.run,
                     encoding,
                     declared,
+                    reconnoitred,
                     keys_per_call: self.limits.keys_per_call,
                 })
             }
@@ -377,6 +390,49 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Runs the procedure once without locks against the current state, writes discarded,
+    /// and returns the keys it touched. Whatever the run's outcome, the keys it reached are
+    /// the best guess; the real run, under locks, decides the outcome.
+    #[allow(clippy::too_many_arguments)]
+    fn reconnoitre(
+        &self,
+        module_name: &Arc<str>,
+        module: &CompiledModule,
+        procedure: &str,
+        export: &ProcedureExport,
+        encoding: Encoding,
+        args: &[u8],
+        store: &Arc<Store>,
+    ) -> DeclaredKeys {
+        let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
+        wasm.data_mut().transaction = Some(Transaction::begin(
+            store.clone(),
+            None,
+            self.limits.keys_per_call,
+        ));
+        let reconnaissance = PreparedCall::run_in;
+        if let Ok((instance, alloc, memory)) =
+            instantiate_and_declare(&mut wasm, module, export, encoding, args)
+        {
+            let _ = reconnaissance(
+                &mut wasm,
+                &instance,
+                &alloc,
+                memory,
+                &export.run,
+                encoding,
+                args,
+            );
+        }
+        wasm.data()
+            .transaction
+            .as_ref()
+            .map(Transaction::discovered_keys)
+            .unwrap_or_default()
+    }
+}
+
 /// A call between its two halves: instantiated, key set known, no lock held.
 pub struct PreparedCall {
     wasm: WasmStore<CallState>,
@@ -386,13 +442,21 @@ pub struct PreparedCall {
     run: ModuleExport,
     encoding: Encoding,
     declared: Option<DeclaredKeys>,
+    /// Whether the key set came from a reconnaissance run (so a `KEY_NOT_DECLARED` means
+    /// the state moved and the call may be prepared again).
+    reconnoitred: bool,
     keys_per_call: usize,
 }
 
 impl PreparedCall {
-    /// The locks the call needs: its declared keys, or everything.
+    /// The locks the call needs: its declared or discovered keys.
     pub fn lock_set(&self) -> LockSet {
         lock_set(self.declared.as_ref())
+    }
+
+    /// Whether the key set was discovered by a reconnaissance run rather than declared.
+    pub fn reconnoitred(&self) -> bool {
+        self.reconnoitred
     }
 
     /// Second half of a call, with the locks of [`PreparedCall::lock_set`] held: runs the
@@ -424,17 +488,33 @@ impl PreparedCall {
     }
 
     fn run(&mut self, args: &[u8]) -> wasmtime::Result<()> {
-        let run = self
-            .instance
-            .get_module_export(&mut self.wasm, &self.run)
+        Self::run_in(
+            &mut self.wasm,
+            &self.instance,
+            &self.alloc,
+            self.memory,
+            &self.run,
+            self.encoding,
+            args,
+        )
+    }
+
+    fn run_in(
+        wasm: &mut WasmStore<CallState>,
+        instance: &Instance,
+        alloc: &TypedFunc<i32, i32>,
+        memory: Memory,
+        export: &ModuleExport,
+        encoding: Encoding,
+        args: &[u8],
+    ) -> wasmtime::Result<()> {
+        let run = instance
+            .get_module_export(&mut *wasm, export)
             .and_then(Extern::into_func)
             .expect("checked at deploy")
-            .typed::<(i32, i32, i32), ()>(&self.wasm)?;
-        let (pointer, length) = place_args(&mut self.wasm, &self.alloc, self.memory, args)?;
-        run.call(
-            &mut self.wasm,
-            (pointer, length, encoding_abi(self.encoding)),
-        )
+            .typed::<(i32, i32, i32), ()>(&*wasm)?;
+        let (pointer, length) = place_args(wasm, alloc, memory, args)?;
+        run.call(&mut *wasm, (pointer, length, encoding_abi(encoding)))
     }
 }
 
@@ -935,7 +1015,14 @@ mod tests {
         store: &Arc<Store>,
     ) -> Result<Vec<u8>, ErrorResponse> {
         runtime
-            .prepare(&Arc::from("m"), module, procedure, Encoding::Json, b"")?
+            .prepare(
+                &Arc::from("m"),
+                module,
+                procedure,
+                Encoding::Json,
+                b"",
+                store,
+            )?
             .execute(store, b"")
     }
 

@@ -103,6 +103,15 @@ impl Transaction {
         Ok(existed)
     }
 
+    /// The keys this transaction touched (written ones writable): the key set a
+    /// reconnaissance run discovers. Only tracked when no key set was declared.
+    pub fn discovered_keys(&self) -> DeclaredKeys {
+        self.touched
+            .iter()
+            .map(|key| (key.clone(), self.writes.contains_key(key)))
+            .collect()
+    }
+
     /// Applies every buffered write (the caller releases the locks afterwards).
     pub fn commit(self) {
         self.store.apply(self.writes.into_iter().collect());
@@ -205,6 +214,21 @@ mod tests {
             ErrorCode::KEY_NOT_DECLARED
         );
         assert!(tx.put("w", b"x").is_ok());
+    }
+
+    #[test]
+    fn reconnaissance_discovers_what_was_read_and_written() {
+        let store = Arc::new(Store::new(2));
+        let mut tx = Transaction::begin(store, None, 10);
+        tx.get("r").unwrap();
+        tx.put("w", b"").unwrap();
+        tx.delete("d").unwrap();
+        let mut discovered: Vec<(String, bool)> = tx.discovered_keys().into_iter().collect();
+        discovered.sort();
+        assert_eq!(
+            discovered,
+            vec![("d".into(), true), ("r".into(), false), ("w".into(), true)]
+        );
     }
 
     #[test]

@@ -98,7 +98,9 @@ error_codes! {
     /// The procedure read a stored value it could not decode.
     INVALID_VALUE = 73, "the procedure read a stored value it could not decode; nothing was written";
     /// The guest called a host function wrongly (bad pointer, bad UTF-8, wrong phase).
-    ABI_VIOLATION = 74, "the module broke the host ABI (see ABI.md); nothing was written";
+        ABI_VIOLATION = 74, "the module broke the host ABI (see ABI.md); nothing was written";
+    /// A procedure without a key function kept touching keys its reconnaissance had not seen.
+    KEY_SET_UNSTABLE = 75, "the procedure's keys kept changing between reconnaissance and execution; nothing was written: retry, or give it a key function";
 }
 
 impl fmt::Debug for ErrorCode {

@@ -9,8 +9,8 @@
 //! | `step` | `{"start":7}` | `null`: `a → b → c → d` becomes `a → c → b → d` |
 //! | `check` | `{"nodes":100}` | `true` if walking from 0 returns to 0 after exactly `nodes` steps |
 //!
-//! A step's keys depend on what it reads, so it declares none: the server runs it with
-//! every shard locked.
+//! A step's keys depend on what it reads, so it declares none: the server discovers them
+//! with a reconnaissance run before locking them.
 #![no_std]
 
 use transdb_guest::prelude::*;

@@ -1,5 +1,6 @@
-//! Procedures that exercise the SDK's edges, for the end-to-end tests: a panic, logging,
-//! an echo of the arguments, and a read of a value that does not decode.
+//! Procedures that exercise the SDK's and server's edges, for the end-to-end tests: a panic,
+//! logging, an echo of the arguments, a read of a value that does not decode, and a
+//! procedure whose keys depend on the state.
 #![no_std]
 
 use transdb_guest::prelude::*;
@@ -52,7 +53,27 @@ pub fn read_number(tx: &mut Tx, args: Key) -> Result<Option<i64>, Abort> {
     Ok(tx.get_i64(&args.key))
 }
 
+/// Arguments of `follow`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Follow {
+    /// The key whose value names the counter to increment.
+    pub pointer: String,
+}
+
+/// Increments the counter named by the value of `pointer` and returns its new value. Its
+/// keys depend on the state, so it has no key function: the server discovers them.
+pub fn follow(tx: &mut Tx, args: Follow) -> Result<i64, Abort> {
+    let target = tx
+        .get(&args.pointer)
+        .ok_or_else(|| Abort::new("the pointer is not set"))?;
+    let target = String::from_utf8(target).map_err(|_| Abort::new("the pointer is not UTF-8"))?;
+    let value = tx.get_i64(&target).unwrap_or(0) + 1;
+    tx.put_i64(&target, value);
+    Ok(value)
+}
+
 procedure!(panic);
+procedure!(follow);
 procedure!(log);
 procedure!(echo);
 procedure!(read_number);
