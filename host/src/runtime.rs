@@ -362,7 +362,7 @@ impl Runtime {
                 encoding,
                 args,
                 store,
-            )),
+            )?),
         };
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
         match instantiate_and_declare(&mut wasm, module, export, encoding, args) {
@@ -393,7 +393,8 @@ impl Runtime {
 impl Runtime {
     /// Runs the procedure once without locks against the current state, writes discarded,
     /// and returns the keys it touched. Whatever the run's outcome, the keys it reached are
-    /// the best guess; the real run, under locks, decides the outcome.
+    /// the best guess and the real run, under locks, decides the outcome — except past the
+    /// key limit, which fails the call with `TOO_MANY_KEYS` at once.
     #[allow(clippy::too_many_arguments)]
     fn reconnoitre(
         &self,
@@ -404,7 +405,7 @@ impl Runtime {
         encoding: Encoding,
         args: &[u8],
         store: &Arc<Store>,
-    ) -> DeclaredKeys {
+    ) -> Result<DeclaredKeys, ErrorResponse> {
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
         wasm.data_mut().transaction = Some(Transaction::begin(
             store.clone(),
@@ -425,11 +426,19 @@ impl Runtime {
                 args,
             );
         }
-        wasm.data()
+        // Past the key limit the discovered set is cut short, so the real run would stray
+        // outside it on every attempt: report the limit now instead.
+        if let Some(failure) = wasm.data_mut().failure.take()
+            && failure.code == ErrorCode::TOO_MANY_KEYS
+        {
+            return Err(failure);
+        }
+        Ok(wasm
+            .data()
             .transaction
             .as_ref()
             .map(Transaction::discovered_keys)
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 }
 
@@ -1044,6 +1053,35 @@ mod tests {
         let store = Arc::new(Store::new(1));
         let error = call(&runtime, &module, "spin", &store).unwrap_err();
         assert_eq!(error.code, ErrorCode::DEADLINE_EXCEEDED, "{error}");
+    }
+
+    #[test]
+    fn a_reconnaissance_past_the_key_limit_reports_the_limit() {
+        let runtime = Runtime::new(RuntimeLimits {
+            keys_per_call: 3,
+            ..RuntimeLimits::default()
+        })
+        .unwrap();
+        // Writes keys "0", "1", "2", ... (one byte each) until something stops it.
+        let many = wat::parse_str(
+            r#"(module
+                (import "transdb_v1" "put" (func $put (param i32 i32 i32 i32)))
+                (memory (export "memory") 1)
+                (func (export "transdb_alloc") (param i32) (result i32) (i32.const 1024))
+                (func (export "transdb_proc_many") (param i32 i32 i32)
+                    (local $key i32)
+                    (local.set $key (i32.const 48))
+                    (loop $more
+                        (i32.store8 (i32.const 0) (local.get $key))
+                        (call $put (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 1))
+                        (local.set $key (i32.add (local.get $key) (i32.const 1)))
+                        (br_if $more (i32.lt_u (local.get $key) (i32.const 58))))))"#,
+        )
+        .unwrap();
+        let module = runtime.compile(&many).unwrap();
+        let store = Arc::new(Store::new(1));
+        let error = call(&runtime, &module, "many", &store).unwrap_err();
+        assert_eq!(error.code, ErrorCode::TOO_MANY_KEYS, "{error}");
     }
 
     #[test]
