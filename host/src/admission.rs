@@ -17,6 +17,7 @@ pub fn admit(request: &Request<'_>) -> Result<(), ErrorResponse> {
         }
         // Names and module contents are checked by the registry, which knows the limits.
         Request::Deploy { .. } | Request::ListModules | Request::Stats => Ok(()),
+        Request::Batch { ops } => limits::check_batch(ops),
         Request::Call { args, .. } => limits::check_value(args).map_err(|mut error| {
             error.message = error.message.replace("value", "arguments");
             error

@@ -87,6 +87,12 @@ pub enum Command {
     Procedures,
     /// Print the server's statistics and the hash of its state (equal states, equal hashes).
     Stats,
+    /// Apply several writes atomically, in order: `transdb batch put a 1 put b 2 delete c`.
+    Batch {
+        /// `put KEY VALUE` and `delete KEY`, repeated.
+        #[arg(required = true, num_args = 1.., value_name = "OP")]
+        ops: Vec<String>,
+    },
 }
 
 /// Options of `transdb serve`.
@@ -380,6 +386,11 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 }
             }
         }
+        Command::Batch { ops } => {
+            let ops = parse_batch(ops)?;
+            let applied = client.batch(&ops).await?;
+            println!("{applied} writes applied");
+        }
         Command::Stats => {
             let stats = client.stats().await?;
             println!("position {}", stats.position);
@@ -392,4 +403,87 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
         Command::Serve(_) => unreachable!("serve is handled by the caller"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `put KEY VALUE` / `delete KEY` sequences (operation words in any case).
+fn parse_batch(words: &[String]) -> Result<Vec<transdb_client::BatchOp<'static>>> {
+    use transdb_client::BatchOp;
+    let mut ops = Vec::new();
+    let mut words = words.iter();
+    while let Some(word) = words.next() {
+        let missing = |what: &str| {
+            anyhow::anyhow!("batch: `{word}` needs {what} (e.g. `put KEY VALUE` or `delete KEY`)")
+        };
+        match word.to_ascii_lowercase().as_str() {
+            "put" => {
+                let key = words.next().ok_or_else(|| missing("a key and a value"))?;
+                let value = words.next().ok_or_else(|| missing("a value"))?;
+                ops.push(BatchOp::Put {
+                    key: key.clone().into(),
+                    value: value.clone().into_bytes().into(),
+                });
+            }
+            "delete" => {
+                let key = words.next().ok_or_else(|| missing("a key"))?;
+                ops.push(BatchOp::Delete {
+                    key: key.clone().into(),
+                });
+            }
+            other => anyhow::bail!(
+                "batch: unknown operation `{other}`: use `put KEY VALUE` or `delete KEY`"
+            ),
+        }
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transdb_client::BatchOp;
+
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn batch_words_become_operations_in_order() {
+        let ops = parse_batch(&words("PUT a 1 put b 2 Delete c")).unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                BatchOp::Put {
+                    key: "a".into(),
+                    value: b"1".as_slice().into()
+                },
+                BatchOp::Put {
+                    key: "b".into(),
+                    value: b"2".as_slice().into()
+                },
+                BatchOp::Delete { key: "c".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_batches_say_what_is_missing() {
+        assert!(
+            parse_batch(&words("put a"))
+                .unwrap_err()
+                .to_string()
+                .contains("needs a value")
+        );
+        assert!(
+            parse_batch(&words("delete"))
+                .unwrap_err()
+                .to_string()
+                .contains("needs a key")
+        );
+        assert!(
+            parse_batch(&words("get a"))
+                .unwrap_err()
+                .to_string()
+                .contains("unknown operation `get`")
+        );
+    }
 }

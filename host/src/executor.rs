@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
-use transdb_proto::message::{Encoding, ServerStats};
+use transdb_proto::message::{BatchOp, Encoding, ServerStats};
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
@@ -137,6 +137,31 @@ impl Executor {
                 encoding,
                 args,
             } => self.call(&module, &procedure, encoding, &args, out).await,
+            Request::Batch { ops } => {
+                let locks = LockSet::Keys(
+                    ops.iter()
+                        .map(|op| (lock_id(op.key()), Mode::Exclusive))
+                        .collect(),
+                );
+                match self.acquire(locks, out).await {
+                    Some(grant) => {
+                        let count = ops.len() as u64;
+                        let writes = ops
+                            .into_iter()
+                            .map(|op| match op {
+                                BatchOp::Put { key, value } => {
+                                    (key.into_owned(), Some(Bytes::copy_from_slice(&value)))
+                                }
+                                BatchOp::Delete { key } => (key.into_owned(), None),
+                            })
+                            .collect();
+                        self.store.apply(writes);
+                        encode(&Response::Batched { ops: count }, out);
+                        Some(grant)
+                    }
+                    None => None,
+                }
+            }
             Request::Stats => match self.acquire(LockSet::All, out).await {
                 Some(grant) => {
                     encode(&Response::Stats(self.stats(grant.position())), out);

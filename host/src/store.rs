@@ -179,7 +179,8 @@ impl Store {
             .into_iter()
             .map(|(key, value)| (self.shard_index(&key), key, value))
             .collect();
-        by_shard.sort_unstable_by_key(|(shard, _, _)| *shard);
+        // Stable: writes to one key apply in the order given, so the last one wins.
+        by_shard.sort_by_key(|(shard, _, _)| *shard);
         let mut replaced = Vec::with_capacity(by_shard.len());
         let mut writes = by_shard.into_iter().peekable();
         while let Some((shard, key, value)) = writes.next() {

@@ -247,6 +247,19 @@ mod tests {
             ),
             ("request Stats", encode_to_vec(&Request::Stats).unwrap()),
             (
+                "request Batch[Put{key:\"a\",value:\"1\"},Delete{key:\"c\"}]",
+                encode_to_vec(&Request::Batch {
+                    ops: vec![
+                        crate::message::BatchOp::Put {
+                            key: "a".into(),
+                            value: b"1".as_slice().into(),
+                        },
+                        crate::message::BatchOp::Delete { key: "c".into() },
+                    ],
+                })
+                .unwrap(),
+            ),
+            (
                 "response Output(\"ok\")",
                 encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),
             ),

@@ -23,6 +23,30 @@ pub const FRAME_SLACK_BYTES: usize = 64 * 1024;
 /// The length prefix is checked against this before a single payload byte is read.
 pub const MAX_FRAME_BYTES: usize = MAX_VALUE_BYTES + FRAME_SLACK_BYTES;
 
+/// Most writes in one batch: bounds the keys one transaction locks (the frame limit bounds
+/// their bytes).
+pub const MAX_BATCH_OPS: usize = 10_000;
+
+/// Checks a batch's size and every key and value in it.
+pub fn check_batch(ops: &[crate::message::BatchOp<'_>]) -> Result<(), ErrorResponse> {
+    if ops.len() > MAX_BATCH_OPS {
+        return Err(ErrorResponse::new(
+            ErrorCode::TOO_MANY_KEYS,
+            format!(
+                "the batch has {} writes; the limit (MAX_BATCH_OPS) is {MAX_BATCH_OPS}: split it",
+                ops.len()
+            ),
+        ));
+    }
+    for op in ops {
+        check_key(op.key())?;
+        if let crate::message::BatchOp::Put { value, .. } = op {
+            check_value(value)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks a key against [`MAX_KEY_BYTES`]. (UTF-8 validity is guaranteed by the type.)
 pub fn check_key(key: &str) -> Result<(), ErrorResponse> {
     if key.len() > MAX_KEY_BYTES {

@@ -71,6 +71,55 @@ pub enum Request<'a> {
     ListModules,
     /// The server's statistics and the hash of its state; answered with [`Response::Stats`].
     Stats,
+    /// Several writes as one atomic transaction, applied in order (a later write to the
+    /// same key wins); answered with [`Response::Batched`].
+    Batch {
+        /// The writes, at most [`crate::limits::MAX_BATCH_OPS`].
+        #[serde(borrow)]
+        ops: Vec<BatchOp<'a>>,
+    },
+}
+
+/// One write of a [`Request::Batch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOp<'a> {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        #[serde(borrow)]
+        key: Cow<'a, str>,
+        /// The value.
+        #[serde(borrow, with = "serde_bytes")]
+        value: Cow<'a, [u8]>,
+    },
+    /// Remove `key` (idempotent).
+    Delete {
+        /// The key.
+        #[serde(borrow)]
+        key: Cow<'a, str>,
+    },
+}
+
+impl BatchOp<'_> {
+    /// The key written.
+    pub fn key(&self) -> &str {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+
+    /// The same operation, owning its data.
+    pub fn into_owned(self) -> BatchOp<'static> {
+        match self {
+            BatchOp::Put { key, value } => BatchOp::Put {
+                key: Cow::Owned(key.into_owned()),
+                value: Cow::Owned(value.into_owned()),
+            },
+            BatchOp::Delete { key } => BatchOp::Delete {
+                key: Cow::Owned(key.into_owned()),
+            },
+        }
+    }
 }
 
 /// Encoding of a call's arguments and result.
@@ -129,6 +178,11 @@ pub enum Response<'a> {
     Modules(Vec<ModuleInfo>),
     /// Answer to [`Request::Stats`].
     Stats(ServerStats),
+    /// Answer to [`Request::Batch`]: every write was applied, atomically.
+    Batched {
+        /// Number of writes applied.
+        ops: u64,
+    },
 }
 
 /// What [`Request::Stats`] returns. Taken as one transaction that holds every lock, so the
@@ -188,6 +242,9 @@ impl Request<'_> {
             },
             Request::ListModules => Request::ListModules,
             Request::Stats => Request::Stats,
+            Request::Batch { ops } => Request::Batch {
+                ops: ops.into_iter().map(BatchOp::into_owned).collect(),
+            },
         }
     }
 }
@@ -207,6 +264,7 @@ impl Response<'_> {
             Response::Output(output) => Response::Output(Cow::Owned(output.into_owned())),
             Response::Modules(modules) => Response::Modules(modules),
             Response::Stats(stats) => Response::Stats(stats),
+            Response::Batched { ops } => Response::Batched { ops },
         }
     }
 
@@ -222,6 +280,7 @@ impl Response<'_> {
             Response::Output(_) => "Output",
             Response::Modules(_) => "Modules",
             Response::Stats(_) => "Stats",
+            Response::Batched { .. } => "Batched",
         }
     }
 }

@@ -448,3 +448,72 @@ async fn kv_procedures_compare_and_swap_and_count() {
         r#""x""#
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_apply_in_order_and_atomically() {
+    use transdb_client::BatchOp;
+    let (server, client) = bank_server().await;
+    let put = |key: &'static str, value: &'static str| BatchOp::Put {
+        key: key.into(),
+        value: value.as_bytes().into(),
+    };
+    let applied = client
+        .batch(&[
+            put("k", "1"),
+            put("k", "2"),
+            BatchOp::Delete { key: "gone".into() },
+            put("other", "x"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied, 4);
+    assert_eq!(
+        client.get("k").await.unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "the later write wins"
+    );
+
+    // A batch with one bad write applies nothing.
+    let too_long = "k".repeat(1025);
+    let bad = [
+        put("k", "3"),
+        BatchOp::Put {
+            key: too_long.into(),
+            value: b"v".as_slice().into(),
+        },
+    ];
+    let error = client.batch(&bad).await.unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::KEY_TOO_LARGE), "{error}");
+    assert_eq!(client.get("k").await.unwrap().as_deref(), Some(&b"2"[..]));
+
+    // Atomicity: batches move 100 units between two accounts; a concurrent reader's total,
+    // one transaction reading both, never sees half a batch.
+    client
+        .batch(&[put("account:a", "100"), put("account:b", "0")])
+        .await
+        .unwrap();
+    let writer = {
+        let client = server.client().await;
+        tokio::spawn(async move {
+            for i in 0..150u32 {
+                let (a, b) = if i.is_multiple_of(2) {
+                    ("0", "100")
+                } else {
+                    ("100", "0")
+                };
+                client
+                    .batch(&[put("account:a", a), put("account:b", b)])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let accounts = Accounts {
+        accounts: vec!["a".into(), "b".into()],
+    };
+    while !writer.is_finished() {
+        let total: i64 = client.call("bank", "total", &accounts).await.unwrap();
+        assert_eq!(total, 100, "a read saw half a batch");
+    }
+    writer.await.unwrap();
+}

@@ -63,6 +63,33 @@ fn cli_tour_in_the_servers_directory_needs_no_flags_but_the_address() {
 
     let ping = run(&["ping"], b"");
     assert!(ping.status.success(), "{}", ping.stderr);
+
+    let batch = run(
+        &["batch", "put", "x", "1", "PUT", "y", "2", "delete", "blob"],
+        b"",
+    );
+    assert!(batch.status.success(), "{}", batch.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&batch.stdout).trim(),
+        "3 writes applied"
+    );
+    assert_eq!(run(&["get", "y"], b"").stdout, b"2");
+    assert_eq!(run(&["get", "blob"], b"").status.code(), Some(1));
+    let bad_batch = run(&["batch", "put", "x"], b"");
+    assert_eq!(bad_batch.status.code(), Some(2));
+    assert!(
+        bad_batch.stderr.contains("needs a value"),
+        "{}",
+        bad_batch.stderr
+    );
+
+    let stats = run(&["stats"], b"");
+    assert!(stats.status.success(), "{}", stats.stderr);
+    let stats = String::from_utf8_lossy(&stats.stdout).into_owned();
+    assert!(
+        stats.contains("state hash ") && stats.contains("shard 1:"),
+        "{stats}"
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
 
-pub use transdb_proto::message::{ModuleInfo, ProcedureInfo, ServerStats};
+pub use transdb_proto::message::{BatchOp, ModuleInfo, ProcedureInfo, ServerStats};
 
 pub mod tls;
 pub mod wire;
@@ -313,6 +313,16 @@ impl Client {
         match self.request(&Request::ListModules).await? {
             Response::Modules(modules) => Ok(modules),
             other => Err(unexpected("ListModules", &other)),
+        }
+    }
+
+    /// Applies `ops` as one atomic transaction, in order (a later write to the same key
+    /// wins); returns how many were applied. If any breaks a limit, none is applied.
+    pub async fn batch(&self, ops: &[BatchOp<'_>]) -> Result<u64, Error> {
+        check(limits::check_batch(ops))?;
+        match self.request(&Request::Batch { ops: ops.to_vec() }).await? {
+            Response::Batched { ops } => Ok(ops),
+            other => Err(unexpected("Batch", &other)),
         }
     }
 
