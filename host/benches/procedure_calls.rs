@@ -17,6 +17,8 @@ use transdb_host::scheduler::Scheduler;
 use transdb_host::store::Store;
 use transdb_proto::message::Encoding;
 
+mod harness;
+
 #[derive(serde::Serialize)]
 struct Transfer<'a> {
     from: &'a str,
@@ -108,80 +110,47 @@ fn run(
             bytes::Bytes::from_static(b"1000000000"),
         );
     }
-    let start = Instant::now();
-    let deadline = start + duration;
-    let handles: Vec<_> = (0..threads)
-        .map(|thread| {
+    harness::run_tasks(
+        threads,
+        CALLS_IN_FLIGHT_PER_THREAD,
+        duration,
+        move |seed, deadline| {
             let (store, procedures, names, scheduler) = (
                 store.clone(),
                 procedures.clone(),
                 names.clone(),
                 scheduler.clone(),
             );
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .unwrap();
-                let calls = (0..CALLS_IN_FLIGHT_PER_THREAD).map(|task| {
-                    let (store, procedures, names, scheduler) = (
-                        store.clone(),
-                        procedures.clone(),
-                        names.clone(),
-                        scheduler.clone(),
-                    );
-                    let mut random = ((thread * CALLS_IN_FLIGHT_PER_THREAD + task) as u64 + 1)
-                        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    async move {
-                        let mut next = move || {
-                            random ^= random << 13;
-                            random ^= random >> 7;
-                            random ^= random << 17;
-                            random
-                        };
-                        let mut done = 0u64;
-                        while Instant::now() < deadline {
-                            let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
-                            let from = if hot {
-                                0
-                            } else {
-                                (next() % names.len() as u64) as usize
-                            };
-                            let to = (from + 1 + (next() % (names.len() as u64 - 1)) as usize)
-                                % names.len();
-                            let transfer = Transfer {
-                                from: &names[from],
-                                to: &names[to],
-                                amount: 1,
-                            };
-                            let arguments = postcard::to_allocvec(&transfer).unwrap();
-                            let prepared = procedures
-                                .prepare("bank", "transfer", Encoding::Postcard, &arguments, &store)
-                                .unwrap();
-                            let grant = scheduler.acquire(prepared.lock_set()).await.unwrap();
-                            prepared.execute(&store, &arguments).unwrap();
-                            drop(grant);
-                            done += 1;
-                            // Let the other calls of this thread run, as a server's worker does.
-                            tokio::task::yield_now().await;
-                        }
-                        done
-                    }
-                });
-                let local = tokio::task::LocalSet::new();
-                let handles: Vec<_> = calls.map(|call| local.spawn_local(call)).collect();
-                runtime.block_on(local.run_until(async move {
-                    let mut total = 0;
-                    for handle in handles {
-                        total += handle.await.unwrap();
-                    }
-                    total
-                }))
-            })
-        })
-        .collect();
-    let total: u64 = handles
-        .into_iter()
-        .map(|handle| handle.join().unwrap())
-        .sum();
-    total as f64 / start.elapsed().as_secs_f64()
+            async move {
+                let mut next = harness::random_generator(seed);
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
+                    let from = if hot {
+                        0
+                    } else {
+                        (next() % names.len() as u64) as usize
+                    };
+                    let to =
+                        (from + 1 + (next() % (names.len() as u64 - 1)) as usize) % names.len();
+                    let transfer = Transfer {
+                        from: &names[from],
+                        to: &names[to],
+                        amount: 1,
+                    };
+                    let arguments = postcard::to_allocvec(&transfer).unwrap();
+                    let prepared = procedures
+                        .prepare("bank", "transfer", Encoding::Postcard, &arguments, &store)
+                        .unwrap();
+                    let grant = scheduler.acquire(prepared.lock_set()).await.unwrap();
+                    prepared.execute(&store, &arguments).unwrap();
+                    drop(grant);
+                    done += 1;
+                    // Let the other calls of this thread run, as a server's worker does.
+                    tokio::task::yield_now().await;
+                }
+                done
+            }
+        },
+    )
 }

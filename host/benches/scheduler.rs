@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use transdb_host::lock_manager::{LockSet, Mode, lock_id};
 use transdb_host::scheduler::Scheduler;
 
+mod harness;
+
 const KEYS: u64 = 10_000;
 
 fn main() {
@@ -48,60 +50,27 @@ fn main() {
 
 fn run(ids: &Arc<Vec<u64>>, threads: usize, hot_fraction: f64, duration: Duration) -> f64 {
     let scheduler = Scheduler::new();
-    let start = Instant::now();
-    let deadline = start + duration;
-    let handles: Vec<_> = (0..threads)
-        .map(|thread| {
-            let (scheduler, ids) = (scheduler.clone(), ids.clone());
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .unwrap();
-                let local = tokio::task::LocalSet::new();
-                let tasks: Vec<_> = (0..16u64)
-                    .map(|task| {
-                        let (scheduler, ids) = (scheduler.clone(), ids.clone());
-                        let mut random =
-                            (thread as u64 * 16 + task + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                        local.spawn_local(async move {
-                            let mut next = move || {
-                                random ^= random << 13;
-                                random ^= random >> 7;
-                                random ^= random << 17;
-                                random
-                            };
-                            let mut done = 0u64;
-                            while Instant::now() < deadline {
-                                for _ in 0..64 {
-                                    let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
-                                    let from = if hot { 0 } else { next() % KEYS };
-                                    let to = (from + 1 + next() % (KEYS - 1)) % KEYS;
-                                    let locks = LockSet::Keys(vec![
-                                        (ids[from as usize], Mode::Exclusive),
-                                        (ids[to as usize], Mode::Exclusive),
-                                    ]);
-                                    drop(scheduler.acquire(locks).await.unwrap());
-                                    done += 1;
-                                }
-                                tokio::task::yield_now().await;
-                            }
-                            done
-                        })
-                    })
-                    .collect();
-                runtime.block_on(local.run_until(async move {
-                    let mut total = 0;
-                    for task in tasks {
-                        total += task.await.unwrap();
-                    }
-                    total
-                }))
-            })
-        })
-        .collect();
-    let total: u64 = handles
-        .into_iter()
-        .map(|handle| handle.join().unwrap())
-        .sum();
-    total as f64 / start.elapsed().as_secs_f64()
+    let ids = ids.clone();
+    harness::run_tasks(threads, 16, duration, move |seed, deadline| {
+        let (scheduler, ids) = (scheduler.clone(), ids.clone());
+        async move {
+            let mut next = harness::random_generator(seed);
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                for _ in 0..64 {
+                    let hot = (next() % 1000) as f64 / 1000.0 < hot_fraction;
+                    let from = if hot { 0 } else { next() % KEYS };
+                    let to = (from + 1 + next() % (KEYS - 1)) % KEYS;
+                    let locks = LockSet::Keys(vec![
+                        (ids[from as usize], Mode::Exclusive),
+                        (ids[to as usize], Mode::Exclusive),
+                    ]);
+                    drop(scheduler.acquire(locks).await.unwrap());
+                    done += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            done
+        }
+    })
 }
