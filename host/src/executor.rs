@@ -155,8 +155,14 @@ impl Executor {
                                 BatchOp::Delete { key } => (key.into_owned(), None),
                             })
                             .collect();
-                        self.store.apply(writes);
-                        encode(&Response::Batched { ops: count }, out);
+                        let response = match self.store.apply(writes) {
+                            Ok(()) => Response::Batched { ops: count },
+                            Err(reason) => Response::Error(ErrorResponse::new(
+                                ErrorCode::INTERNAL,
+                                format!("commit aborted: {reason}"),
+                            )),
+                        };
+                        encode(&response, out);
                         Some(grant)
                     }
                     None => None,

@@ -13,14 +13,14 @@
 //! - [`scheduler`] and [`lock_manager`]: a position in one total order per transaction, and
 //!   deterministic first-come-first-served key locks in that order;
 //! - [`transaction`]: the write buffer of a multi-key transaction;
+//! - [`two_phase`]: two-phase commit state machines (multi-shard commits);
 //! - [`procedures`] and [`runtime`]: deployed modules and the wasmtime runtime;
 //! - [`store`]: the sharded in-memory map;
 //! - [`server`]: wires the stages together, owns the data directory, shuts down gracefully;
 //! - [`identity`]: the TLS certificate and key; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client).
 //!
-//! The sequencer and command log will supply the positions the scheduler hands out today,
-//! and a two-phase-commit manager will commit across shards.
+//! The sequencer and command log will supply the positions the scheduler hands out today.
 
 pub mod admission;
 pub mod cli;
@@ -35,6 +35,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod transaction;
+pub mod two_phase;
 
 pub use config::ServerConfig;
 pub use server::Server;

@@ -489,7 +489,7 @@ impl PreparedCall {
                     .transaction
                     .take()
                     .expect("set before the procedure ran")
-                    .commit();
+                    .commit()?;
                 Ok(output)
             }
             Err(error) => Err(state.failure.take().unwrap_or_else(|| classify(&error))),

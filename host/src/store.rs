@@ -17,11 +17,13 @@
 //! a large value is freed after the lock is released. With one shard per core two writers
 //! rarely meet on one lock, and when they do, the wait is one critical section.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
 use transdb_proto::shard::shard_for_key;
+
+use crate::two_phase::{Coordinator, Decision, Message, Participant, Tick};
 
 /// Keys and bytes held by one shard.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,38 +173,91 @@ impl Store {
         shard_for_key(key, self.shards.len())
     }
 
-    /// Applies a transaction's writes (`None` deletes). Each shard is write-locked once,
-    /// briefly; isolation between transactions comes from the key locks of
-    /// [`crate::lock_manager`], which the writer holds until this returns.
-    pub fn apply(&self, writes: Vec<(String, Option<Bytes>)>) {
-        let mut by_shard: Vec<(usize, String, Option<Bytes>)> = writes
-            .into_iter()
-            .map(|(key, value)| (self.shard_index(&key), key, value))
+    /// Applies a transaction's writes (`None` deletes), in order (a later write to a key
+    /// wins). Isolation between transactions comes from the key locks of
+    /// [`crate::lock_manager`], which the writer holds until this returns; each shard is
+    /// write-locked once, briefly.
+    ///
+    /// Writes to one shard are applied at once. Writes spanning several shards commit
+    /// through two-phase commit ([`crate::two_phase`]) with each shard as a participant:
+    /// every shard stages its writes and votes, and only if all vote yes does any apply.
+    /// The participants are local and answer at once, so no deadline is needed; the same
+    /// protocol will address shards on other nodes.
+    ///
+    /// # Errors
+    /// The reason the transaction was aborted, if a participant refused; nothing was
+    /// applied then.
+    pub fn apply(&self, writes: Vec<(String, Option<Bytes>)>) -> Result<(), String> {
+        let mut by_shard: BTreeMap<usize, ShardWrites> = BTreeMap::new();
+        for (key, value) in writes {
+            by_shard
+                .entry(self.shard_index(&key))
+                .or_default()
+                .push((key, value));
+        }
+        if by_shard.len() <= 1 {
+            for (shard, writes) in by_shard {
+                self.apply_to_shard(shard, writes);
+            }
+            return Ok(());
+        }
+        let (mut coordinator, prepares) =
+            Coordinator::start(by_shard.keys().copied(), 0, Tick::MAX);
+        let mut participants: BTreeMap<usize, Participant<ShardWrites>> = by_shard
+            .keys()
+            .map(|&shard| (shard, Participant::new()))
             .collect();
-        // Stable: writes to one key apply in the order given, so the last one wins.
-        by_shard.sort_by_key(|(shard, _, _)| *shard);
-        let mut replaced = Vec::with_capacity(by_shard.len());
-        let mut writes = by_shard.into_iter().peekable();
-        while let Some((shard, key, value)) = writes.next() {
-            let mut state = self.shards[shard].state.write();
-            let mut next = Some((key, value));
-            while let Some((key, value)) = next.take() {
-                replaced.push(match value {
-                    Some(value) => state.put(&key, value),
-                    None => state.delete(&key),
-                });
-                if writes
-                    .peek()
-                    .is_some_and(|(following, _, _)| *following == shard)
-                {
-                    let (_, key, value) = writes.next().expect("peeked");
-                    next = Some((key, value));
+        let mut outbox: VecDeque<Message> = prepares.into();
+        while let Some(message) = outbox.pop_front() {
+            match message {
+                Message::Prepare { to } => {
+                    let writes = by_shard.remove(&to).unwrap_or_default();
+                    let vote = participants
+                        .get_mut(&to)
+                        .expect("a participant")
+                        .on_prepare(|| self.stage(to, writes));
+                    outbox.extend(coordinator.on_vote(to, vote));
+                }
+                Message::Decide { to, decision } => {
+                    if let Some(writes) = participants
+                        .get_mut(&to)
+                        .expect("a participant")
+                        .on_decision(&decision)
+                    {
+                        self.apply_to_shard(to, writes);
+                    }
                 }
             }
         }
-        drop(replaced); // previous values are freed outside the shard locks
+        match coordinator.decision() {
+            Some(Decision::Commit) => Ok(()),
+            Some(Decision::Abort { reason }) => Err(reason.clone()),
+            None => unreachable!("local participants always vote"),
+        }
+    }
+
+    /// A participant's prepare: checks that `shard` can take `writes` and keeps them for
+    /// the decision. Nothing can refuse yet; this is where a store-size limit will.
+    fn stage(&self, _shard: usize, writes: ShardWrites) -> Result<ShardWrites, String> {
+        Ok(writes)
+    }
+
+    fn apply_to_shard(&self, shard: usize, writes: ShardWrites) {
+        let mut state = self.shards[shard].state.write();
+        let replaced: Vec<Option<Bytes>> = writes
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some(value) => state.put(&key, value),
+                None => state.delete(&key),
+            })
+            .collect();
+        drop(state);
+        drop(replaced); // previous values are freed outside the shard lock
     }
 }
+
+/// One shard's part of a transaction's writes, in order.
+type ShardWrites = Vec<(String, Option<Bytes>)>;
 
 #[cfg(test)]
 mod tests {
@@ -263,7 +318,7 @@ mod tests {
             .map(|i| (format!("k{i}"), Some(Bytes::from(vec![1; i]))))
             .chain([("gone".to_string(), None)])
             .collect();
-        store.apply(writes);
+        store.apply(writes).unwrap();
         for i in 0..20 {
             assert_eq!(
                 store.get(&format!("k{i}")).map(|value| value.len()),

@@ -113,8 +113,15 @@ impl Transaction {
     }
 
     /// Applies every buffered write (the caller releases the locks afterwards).
-    pub fn commit(self) {
-        self.store.apply(self.writes.into_iter().collect());
+    ///
+    /// # Errors
+    /// `INTERNAL` if a shard refused in two-phase commit; nothing was applied then.
+    pub fn commit(self) -> Result<(), ErrorResponse> {
+        self.store
+            .apply(self.writes.into_iter().collect())
+            .map_err(|reason| {
+                ErrorResponse::new(ErrorCode::INTERNAL, format!("commit aborted: {reason}"))
+            })
     }
 }
 
@@ -170,7 +177,7 @@ mod tests {
         assert_eq!(tx.get("b").unwrap().as_deref(), Some(&b"2"[..]));
         assert!(tx.delete("a").unwrap());
         assert_eq!(tx.get("a").unwrap(), None);
-        tx.commit();
+        tx.commit().unwrap();
         assert_eq!(store.get("a"), None);
         assert_eq!(store.get("b").as_deref(), Some(&b"2"[..]));
     }
