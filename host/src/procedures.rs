@@ -15,7 +15,6 @@ use transdb_proto::{ErrorCode, ErrorResponse, abi};
 use transdb_proto::message::Encoding;
 
 use crate::runtime::{CompiledModule, PreparedCall, Runtime};
-use crate::scheduler::Scheduler;
 use crate::store::Store;
 
 /// Default limit on the number of deployed modules.
@@ -164,41 +163,6 @@ impl Procedures {
             store,
         )
     }
-
-    /// A whole call from a plain thread: prepare, wait for the locks, execute (for tests and
-    /// benchmarks; the server does the same asynchronously).
-    pub fn call_blocking(
-        &self,
-        scheduler: &Arc<Scheduler>,
-        store: &Arc<Store>,
-        module: &str,
-        procedure: &str,
-        encoding: Encoding,
-        args: &[u8],
-    ) -> Result<Vec<u8>, ErrorResponse> {
-        let mut attempts = 0;
-        loop {
-            let prepared = self.prepare(module, procedure, encoding, args, store)?;
-            let reconnoitred = prepared.reconnoitred();
-            let _grant = scheduler
-                .acquire_blocking(prepared.lock_set())
-                .map_err(|overloaded| {
-                    ErrorResponse::new(
-                        ErrorCode::OVERLOADED,
-                        format!("{} transactions are pending: retry", overloaded.limit),
-                    )
-                })?;
-            match prepared.execute(store, args) {
-                Err(error) if reconnoitred && error.code == ErrorCode::KEY_NOT_DECLARED => {
-                    attempts += 1;
-                    if attempts >= MAX_RECONNAISSANCE_ATTEMPTS {
-                        return Err(key_set_unstable(attempts));
-                    }
-                }
-                outcome => return outcome,
-            }
-        }
-    }
 }
 
 fn check_name(name: &str, allow_dash: bool, what: &str) -> Result<(), ErrorResponse> {
@@ -229,6 +193,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::runtime::RuntimeLimits;
+    use crate::scheduler::Scheduler;
 
     /// A module whose procedure `version` returns `text`.
     fn versioned(text: &str) -> Vec<u8> {
@@ -256,8 +221,11 @@ mod tests {
         let second = procedures.deploy("m", &versioned("two")).unwrap();
         assert_ne!(first.version, second.version);
         assert_eq!(running.execute(&store, b"").unwrap(), b"one");
-        let new = procedures.call_blocking(&scheduler, &store, "m", "version", Encoding::Json, b"");
-        assert_eq!(new.unwrap(), b"two");
+        let new = procedures
+            .prepare("m", "version", Encoding::Json, b"", &store)
+            .unwrap();
+        let _locks = scheduler.acquire_blocking(new.lock_set()).unwrap();
+        assert_eq!(new.execute(&store, b"").unwrap(), b"two");
         assert_eq!(procedures.list().len(), 1);
     }
 

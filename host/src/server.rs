@@ -130,11 +130,6 @@ impl Server {
         &self.shared.executor.procedures
     }
 
-    /// Requests being served right now.
-    pub fn in_flight(&self) -> usize {
-        self.shared.streams.len()
-    }
-
     /// Stops accepting connections and streams; returns the number of requests in flight.
     /// Idempotent. [`Server::shutdown`] then waits for them.
     pub fn begin_shutdown(&self) -> usize {
