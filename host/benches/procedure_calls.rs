@@ -108,6 +108,7 @@ fn run(
         store.put(
             &format!("account:{name}"),
             bytes::Bytes::from_static(b"1000000000"),
+            0,
         );
     }
     harness::run_tasks(
@@ -143,7 +144,9 @@ fn run(
                         .prepare("bank", "transfer", Encoding::Postcard, &arguments, &store)
                         .unwrap();
                     let grant = scheduler.acquire(prepared.lock_set()).await.unwrap();
-                    prepared.execute(&store, &arguments).unwrap();
+                    prepared
+                        .execute(&store, &arguments, grant.position())
+                        .unwrap();
                     drop(grant);
                     done += 1;
                     // Let the other calls of this thread run, as a server's worker does.

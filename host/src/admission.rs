@@ -9,7 +9,7 @@ use transdb_proto::{ErrorResponse, Request, limits};
 /// `Ok` if `request` may be executed, else the error response that refuses it.
 pub fn admit(request: &Request<'_>) -> Result<(), ErrorResponse> {
     match request {
-        Request::Ping => Ok(()),
+        Request::Ping | Request::Begin | Request::Commit | Request::Rollback => Ok(()),
         Request::Get { key } | Request::Delete { key } => limits::check_key(key),
         Request::Put { key, value } => {
             limits::check_key(key)?;

@@ -144,7 +144,7 @@ pub struct ServeArgs {
     /// Largest procedure result, in bytes.
     #[arg(long, default_value_t = runtime::DEFAULT_OUTPUT_BYTES)]
     pub max_output_bytes: usize,
-    /// Distinct keys one call may declare or touch.
+    /// Distinct keys one transaction (call or interactive transaction) may declare or touch.
     #[arg(long, default_value_t = runtime::DEFAULT_KEYS_PER_CALL)]
     pub max_keys_per_call: usize,
     /// Largest module, in bytes.
@@ -162,6 +162,13 @@ pub struct ServeArgs {
     /// Wall-clock backstop per call, in milliseconds (fuel is the real CPU limit).
     #[arg(long, default_value_t = runtime::DEFAULT_DEADLINE.as_millis() as u64)]
     pub call_deadline_ms: u64,
+    /// Milliseconds an interactive transaction may wait between two requests before it is
+    /// rolled back (TRANSACTION_TIMEOUT).
+    #[arg(long, default_value_t = crate::interactive::DEFAULT_TRANSACTION_IDLE_TIMEOUT.as_millis() as u64)]
+    pub transaction_idle_timeout_ms: u64,
+    /// Bytes of writes (keys and values) one interactive transaction may buffer.
+    #[arg(long, default_value_t = crate::interactive::DEFAULT_MAX_TRANSACTION_BYTES)]
+    pub max_transaction_bytes: usize,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -195,6 +202,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.max_modules = args.max_modules;
     config.max_pending_transactions = args.max_pending_transactions;
+    config.transaction_idle_timeout = Duration::from_millis(args.transaction_idle_timeout_ms);
+    config.max_transaction_bytes = args.max_transaction_bytes;
     config.runtime = RuntimeLimits {
         fuel_per_call: args.fuel_per_call,
         memory_bytes: args.max_memory_bytes,

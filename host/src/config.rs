@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub max_modules: usize,
     /// Transactions ordered and unfinished at most; beyond, new ones get `OVERLOADED`.
     pub max_pending_transactions: usize,
+    /// An interactive transaction silent for this long is rolled back.
+    pub transaction_idle_timeout: Duration,
+    /// Bytes of writes an interactive transaction may buffer.
+    pub max_transaction_bytes: usize,
 }
 
 impl ServerConfig {
@@ -74,6 +78,8 @@ impl ServerConfig {
             runtime: RuntimeLimits::default(),
             max_modules: crate::procedures::DEFAULT_MAX_MODULES,
             max_pending_transactions: crate::scheduler::DEFAULT_MAX_PENDING_TRANSACTIONS,
+            transaction_idle_timeout: crate::interactive::DEFAULT_TRANSACTION_IDLE_TIMEOUT,
+            max_transaction_bytes: crate::interactive::DEFAULT_MAX_TRANSACTION_BYTES,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! key; a procedure call is prepared first (instantiated, key function run — no locks), then
 //! waits for the locks of its declared keys (or of everything), then runs in the wasm
 //! runtime as one transaction (see [`crate::transaction`]). Waiting never holds a thread.
-//! This is the one place where requests meet state.
+//! An interactive transaction ([`crate::interactive`]) lives in the [`Session`] of its
+//! stream and is ordered only at commit. This is the one place where requests meet state.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use transdb_proto::message::{BatchOp, Encoding, ServerStats};
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
+use crate::interactive::{CommitPlan, Interactive, InteractiveLimits};
 use crate::lock_manager::{LockSet, Mode, Position, lock_id};
 use crate::procedures::{MAX_RECONNAISSANCE_ATTEMPTS, Procedures, key_set_unstable};
 use crate::scheduler::{Grant, Overloaded, Scheduler};
@@ -27,10 +29,33 @@ use crate::store::Store;
 pub struct Recorded {
     /// Its position in the total order.
     pub position: Position,
-    /// The request.
-    pub request: Request<'static>,
+    /// What was ordered: the input a replay needs.
+    pub command: Command,
     /// The response frame sent back.
     pub response: Vec<u8>,
+}
+
+/// What one ordered transaction was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// A request that is a transaction of its own.
+    Request(Request<'static>),
+    /// The commit of an interactive transaction (its reads' versions and its writes).
+    Commit(CommitPlan),
+}
+
+/// The state of one request stream: the interactive transaction open on it, if any.
+/// Dropping the session rolls that transaction back.
+#[derive(Default)]
+pub struct Session {
+    transaction: Option<Interactive>,
+}
+
+impl Session {
+    /// Whether an interactive transaction is open on this stream.
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+    }
 }
 
 /// What requests execute against: the shards, the deployed procedures, the scheduler.
@@ -46,6 +71,8 @@ pub struct Executor {
     call_slots: Semaphore,
     /// Every ordered transaction, when recording (tests; the command log will do this).
     history: Option<Mutex<Vec<Recorded>>>,
+    /// The bounds of interactive transactions.
+    interactive_limits: InteractiveLimits,
 }
 
 impl Executor {
@@ -60,13 +87,27 @@ impl Executor {
         let slots = (procedures.runtime().limits().concurrent_calls as usize)
             .saturating_sub(1)
             .max(1);
+        let interactive_limits = InteractiveLimits {
+            max_keys: procedures.runtime().limits().keys_per_call,
+            max_write_bytes: crate::interactive::DEFAULT_MAX_TRANSACTION_BYTES,
+        };
         Executor {
+            scheduler: Scheduler::with_limit(
+                max_pending_transactions,
+                store.snapshot_floor().clone(),
+            ),
             store,
             procedures,
-            scheduler: Scheduler::with_limit(max_pending_transactions),
             call_slots: Semaphore::new(slots),
             history: None,
+            interactive_limits,
         }
+    }
+
+    /// Bounds interactive transactions' buffered writes at `max_write_bytes`.
+    pub fn with_max_transaction_bytes(mut self, max_write_bytes: usize) -> Executor {
+        self.interactive_limits.max_write_bytes = max_write_bytes;
+        self
     }
 
     /// Records every ordered transaction with its position and response, for
@@ -87,14 +128,58 @@ impl Executor {
         history
     }
 
-    /// Admits and executes `request`, appending the response frame to `out`.
+    /// Admits and executes `request` on a stream of its own, appending the response frame to
+    /// `out`. (A `Begin` here opens a transaction that ends with the request.)
     pub async fn execute(&self, request: Request<'_>, out: &mut Vec<u8>) {
+        self.execute_in(&mut Session::default(), request, out).await;
+    }
+
+    /// Replays a recorded transaction at its recorded position (positions can have gaps:
+    /// a call retried after its reconnaissance took one and recorded nothing), appending
+    /// the response frame to `out`. Replay one transaction at a time, in position order.
+    pub async fn replay(&self, recorded: &Recorded, out: &mut Vec<u8>) {
+        self.scheduler.advance_to(recorded.position);
+        match &recorded.command {
+            Command::Request(request) => self.execute(request.clone(), out).await,
+            Command::Commit(plan) => self.commit(plan.clone(), out).await,
+        }
+    }
+
+    /// Admits and executes `request`, a request of the stream whose state is `session`,
+    /// appending the response frame to `out`.
+    pub async fn execute_in(&self, session: &mut Session, request: Request<'_>, out: &mut Vec<u8>) {
         if let Err(refusal) = admission::admit(&request) {
             return encode(&Response::Error(refusal), out);
+        }
+        if session.in_transaction() {
+            return self.in_transaction(session, request, out).await;
         }
         let recorded = self.history.as_ref().map(|_| request.clone().into_owned());
         let start = out.len();
         let grant = match request {
+            Request::Begin => {
+                let snapshot = self.scheduler.snapshot().await;
+                let transaction =
+                    Interactive::new(self.store.clone(), snapshot, self.interactive_limits);
+                encode(
+                    &Response::Begun {
+                        snapshot: transaction.snapshot(),
+                    },
+                    out,
+                );
+                session.transaction = Some(transaction);
+                None
+            }
+            Request::Commit | Request::Rollback => {
+                encode(
+                    &Response::Error(ErrorResponse::new(
+                        ErrorCode::NO_TRANSACTION,
+                        "there is no open transaction on this stream: send Begin first (a transaction lives on one stream)",
+                    )),
+                    out,
+                );
+                None
+            }
             Request::Ping => {
                 encode(&Response::Pong, out);
                 None
@@ -110,7 +195,8 @@ impl Executor {
             Request::Put { key, value } => {
                 match self.acquire(one_key(&key, Mode::Exclusive), out).await {
                     Some(grant) => {
-                        self.store.put(&key, Bytes::copy_from_slice(&value));
+                        self.store
+                            .put(&key, Bytes::copy_from_slice(&value), grant.position());
                         encode(&Response::Stored, out);
                         Some(grant)
                     }
@@ -122,7 +208,7 @@ impl Executor {
                     Some(grant) => {
                         encode(
                             &Response::Deleted {
-                                existed: self.store.delete(&key),
+                                existed: self.store.delete(&key, grant.position()),
                             },
                             out,
                         );
@@ -155,7 +241,7 @@ impl Executor {
                                 BatchOp::Delete { key } => (key.into_owned(), None),
                             })
                             .collect();
-                        let response = match self.store.apply(writes) {
+                        let response = match self.store.apply(writes, grant.position()) {
                             Ok(()) => Response::Batched { ops: count },
                             Err(reason) => Response::Error(ErrorResponse::new(
                                 ErrorCode::INTERNAL,
@@ -205,11 +291,93 @@ impl Executor {
             let response = out[start..].to_vec();
             history.lock().push(Recorded {
                 position: grant.position(),
-                request,
+                command: Command::Request(request),
                 response,
             });
         }
         drop(grant); // the locks are released after the response is final
+    }
+
+    /// A request on a stream with an open interactive transaction.
+    async fn in_transaction(&self, session: &mut Session, request: Request<'_>, out: &mut Vec<u8>) {
+        let transaction = session.transaction.as_mut().expect("a transaction is open");
+        let result = match request {
+            Request::Ping => Ok(Response::Pong),
+            Request::Get { key } => match transaction.get(&key) {
+                Ok(value) => {
+                    return encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
+                }
+                Err(error) => Err(error),
+            },
+            Request::Put { key, value } => transaction.put(&key, &value).map(|()| Response::Stored),
+            Request::Delete { key } => transaction
+                .delete(&key)
+                .map(|existed| Response::Deleted { existed }),
+            Request::Rollback => {
+                session.transaction = None;
+                Ok(Response::RolledBack)
+            }
+            Request::Commit => {
+                let transaction = session.transaction.take().expect("open");
+                match transaction.finish() {
+                    Err(snapshot) => Ok(Response::Committed { position: snapshot }),
+                    Ok(plan) => {
+                        self.commit(plan, out).await;
+                        return;
+                    }
+                }
+            }
+            other => Err(ErrorResponse::new(
+                ErrorCode::TRANSACTION_OPEN,
+                format!(
+                    "this stream has an open transaction, so it cannot run {:?}: only Get, Put, Delete, Commit, Rollback and Ping until the transaction ends",
+                    request_kind(&other)
+                ),
+            )),
+        };
+        match result {
+            Ok(response) => encode(&response, out),
+            Err(error) => {
+                // Past a limit, the transaction cannot go on as the client meant it.
+                if matches!(
+                    error.code,
+                    ErrorCode::TOO_MANY_KEYS | ErrorCode::TRANSACTION_TOO_LARGE
+                ) {
+                    session.transaction = None;
+                }
+                encode(&Response::Error(error), out);
+            }
+        }
+    }
+
+    /// Orders and applies an interactive transaction's commit (or refuses it with
+    /// `CONFLICT`), appending the response to `out`.
+    async fn commit(&self, plan: CommitPlan, out: &mut Vec<u8>) {
+        let start = out.len();
+        let Some(grant) = self.acquire(plan.lock_set(), out).await else {
+            return;
+        };
+        let response = match plan.validate(&self.store) {
+            Err(conflict) => Response::Error(conflict),
+            Ok(()) => match self.store.apply(plan.writes.clone(), grant.position()) {
+                Ok(()) => Response::Committed {
+                    position: grant.position(),
+                },
+                Err(reason) => Response::Error(ErrorResponse::new(
+                    ErrorCode::INTERNAL,
+                    format!("commit aborted: {reason}"),
+                )),
+            },
+        };
+        encode(&response, out);
+        if let Some(history) = &self.history {
+            history.lock().push(Recorded {
+                position: grant.position(),
+                command: Command::Commit(plan),
+                response: out[start..].to_vec(),
+            });
+        }
+        drop(grant);
     }
 
     /// Orders a transaction and waits for its locks, or answers `OVERLOADED`.
@@ -250,7 +418,7 @@ impl Executor {
                 };
             let reconnoitred = prepared.reconnoitred();
             let grant = self.acquire(prepared.lock_set(), out).await?;
-            let response = match prepared.execute(&self.store, args) {
+            let response = match prepared.execute(&self.store, args, grant.position()) {
                 Ok(output) => Response::Output(Cow::Owned(output)),
                 // The state moved between reconnaissance and execution: a deterministic
                 // abort at this position, with no effect; try again at a later one.
@@ -294,6 +462,23 @@ fn overloaded_error(overloaded: Overloaded) -> ErrorResponse {
             overloaded.limit
         ),
     )
+}
+
+fn request_kind(request: &Request<'_>) -> &'static str {
+    match request {
+        Request::Ping => "Ping",
+        Request::Get { .. } => "Get",
+        Request::Put { .. } => "Put",
+        Request::Delete { .. } => "Delete",
+        Request::Deploy { .. } => "Deploy",
+        Request::Call { .. } => "Call",
+        Request::ListModules => "ListModules",
+        Request::Stats => "Stats",
+        Request::Batch { .. } => "Batch",
+        Request::Begin => "Begin",
+        Request::Commit => "Commit",
+        Request::Rollback => "Rollback",
+    }
 }
 
 fn one_key(key: &str, mode: Mode) -> LockSet {

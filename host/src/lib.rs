@@ -13,6 +13,7 @@
 //! - [`scheduler`] and [`lock_manager`]: a position in one total order per transaction, and
 //!   deterministic first-come-first-served key locks in that order;
 //! - [`transaction`]: the write buffer of a multi-key transaction;
+//! - [`interactive`]: interactive transactions (snapshot reads, validated commit);
 //! - [`two_phase`]: two-phase commit state machines (multi-shard commits);
 //! - [`procedures`] and [`runtime`]: deployed modules and the wasmtime runtime;
 //! - [`store`]: the sharded in-memory map;
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod interactive;
 pub mod lock_manager;
 pub(crate) mod network;
 pub mod procedures;

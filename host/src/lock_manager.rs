@@ -94,6 +94,11 @@ impl LockManager {
         self.transactions.len()
     }
 
+    /// The earliest position that has requested locks and not released them.
+    pub fn earliest(&self) -> Option<Position> {
+        self.transactions.keys().min().copied()
+    }
+
     /// Whether no transaction holds or waits for a lock.
     pub fn is_empty(&self) -> bool {
         self.transactions.is_empty()

@@ -11,10 +11,14 @@
 //!   graceful shutdown, which waits for all stream tasks before closing connections, never
 //!   drops an answer the server already computed;
 //! - connections over the limit are closed with [`ErrorCode::TOO_MANY_CONNECTIONS`]; once
-//!   shutdown begins, new connections are refused and no new streams are accepted.
+//!   shutdown begins, new connections are refused and no new streams are accepted;
+//! - a stream is a [`Session`]: an interactive transaction opened on it ends with it. While
+//!   one is open, a stream silent for longer than the transaction idle timeout is reset with
+//!   [`ErrorCode::TRANSACTION_TIMEOUT`] and the transaction rolled back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use quinn::{Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +28,7 @@ use transdb_client::wire::{FrameReader, ReadFrameError};
 use transdb_proto::frame::{self, FrameError};
 use transdb_proto::{ErrorCode, Request};
 
-use crate::executor::Executor;
+use crate::executor::{Executor, Session};
 
 /// What every connection and stream task of one server shares.
 pub(crate) struct Shared {
@@ -36,6 +40,8 @@ pub(crate) struct Shared {
     /// Open (or handshaking) connections.
     pub connections: AtomicUsize,
     pub max_connections: usize,
+    /// How long an open interactive transaction may wait for its next request.
+    pub transaction_idle_timeout: Duration,
 }
 
 fn code(code: ErrorCode) -> VarInt {
@@ -125,15 +131,37 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
         };
         shared
             .streams
-            .spawn(serve_stream(send, recv, shared.executor.clone()).in_current_span());
+            .spawn(serve_stream(send, recv, shared.clone()).in_current_span());
     }
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, executor: Arc<Executor>) {
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+    let executor = &shared.executor;
     let mut reader = FrameReader::new();
     let mut response = Vec::new();
+    let mut session = Session::default();
     loop {
-        let payload = match reader.next_payload(&mut recv).await {
+        let next = if session.in_transaction() {
+            match tokio::time::timeout(
+                shared.transaction_idle_timeout,
+                reader.next_payload(&mut recv),
+            )
+            .await
+            {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::debug!("interactive transaction idle past its timeout; rolled back");
+                    drop(session);
+                    let code = code(ErrorCode::TRANSACTION_TIMEOUT);
+                    let _ = recv.stop(code);
+                    let _ = send.reset(code);
+                    return;
+                }
+            }
+        } else {
+            reader.next_payload(&mut recv).await
+        };
+        let payload = match next {
             Ok(Some(payload)) => payload,
             Ok(None) => break,
             Err(ReadFrameError::Frame(error)) => return reset(&mut send, &mut recv, error),
@@ -147,7 +175,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, executor: Arc<
             Err(error) => return reset(&mut send, &mut recv, error),
         };
         response.clear();
-        executor.execute(request, &mut response).await;
+        executor
+            .execute_in(&mut session, request, &mut response)
+            .await;
         // If the client has already finished its side, the FIN goes out with the answer.
         let last = reader.finished_now(&mut recv).await;
         if let Err(error) = send.write_all(&response).await {
@@ -158,7 +188,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, executor: Arc<
             break;
         }
     }
-    drop((reader, response));
+    drop((reader, response, session));
     if send.finish().is_ok() {
         // Resolves when the client has acknowledged everything (or the connection is gone).
         let _ = send.stopped().await;

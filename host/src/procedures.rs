@@ -220,12 +220,12 @@ mod tests {
             .unwrap(); // a call in progress
         let second = procedures.deploy("m", &versioned("two")).unwrap();
         assert_ne!(first.version, second.version);
-        assert_eq!(running.execute(&store, b"").unwrap(), b"one");
+        assert_eq!(running.execute(&store, b"", 0).unwrap(), b"one");
         let new = procedures
             .prepare("m", "version", Encoding::Json, b"", &store)
             .unwrap();
         let _locks = scheduler.acquire_blocking(new.lock_set()).unwrap();
-        assert_eq!(new.execute(&store, b"").unwrap(), b"two");
+        assert_eq!(new.execute(&store, b"", 1).unwrap(), b"two");
         assert_eq!(procedures.list().len(), 1);
     }
 

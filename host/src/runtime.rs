@@ -38,7 +38,7 @@ use wasmtime::{
     Store as WasmStore, Trap, TypedFunc, ValType,
 };
 
-use crate::lock_manager::LockSet;
+use crate::lock_manager::{LockSet, Position};
 use crate::store::Store;
 use crate::transaction::{DeclaredKeys, Transaction, lock_set, too_many_keys};
 
@@ -471,7 +471,12 @@ impl PreparedCall {
     /// Second half of a call, with the locks of [`PreparedCall::lock_set`] held: runs the
     /// procedure as one transaction on `store` and returns its result; commits only if
     /// the procedure produced one.
-    pub fn execute(mut self, store: &Arc<Store>, args: &[u8]) -> Result<Vec<u8>, ErrorResponse> {
+    pub fn execute(
+        mut self,
+        store: &Arc<Store>,
+        args: &[u8],
+        position: Position,
+    ) -> Result<Vec<u8>, ErrorResponse> {
         let transaction =
             Transaction::begin(store.clone(), self.declared.take(), self.keys_per_call);
         self.wasm.data_mut().transaction = Some(transaction);
@@ -489,7 +494,7 @@ impl PreparedCall {
                     .transaction
                     .take()
                     .expect("set before the procedure ran")
-                    .commit()?;
+                    .commit(position)?;
                 Ok(output)
             }
             Err(error) => Err(state.failure.take().unwrap_or_else(|| classify(&error))),
@@ -1032,7 +1037,7 @@ mod tests {
                 b"",
                 store,
             )?
-            .execute(store, b"")
+            .execute(store, b"", 0)
     }
 
     #[test]

@@ -9,16 +9,24 @@
 //! construction. A [`Grant`] releases the locks when dropped; a transaction abandoned while
 //! still waiting (its request task went away) is released the moment it is granted.
 //!
+//! It also opens **snapshots** for interactive transactions: a snapshot at `S` is
+//! registered at the current end of the order (the next position), lowers the store's
+//! [`SnapshotFloor`] so that no version it may read is pruned, and is handed out once every
+//! transaction before `S` has finished, so that its reads see exactly the prefix of the order
+//! before `S`. A snapshot takes no position and no lock: later transactions run on, and
+//! their writes, at positions `>= S`, are invisible to it.
+//!
 //! (The sequencer and command log will take over handing out positions; this module then
 //! consumes their order instead of making one.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::lock_manager::{LockManager, LockSet, Position};
+use crate::store::{NO_SNAPSHOT, SnapshotFloor};
 
 /// Default limit on transactions ordered and not finished (running or waiting for locks).
 /// Each costs a few hundred bytes of lock-table state; beyond this, new requests are refused
@@ -29,6 +37,7 @@ pub const DEFAULT_MAX_PENDING_TRANSACTIONS: usize = 100_000;
 pub struct Scheduler {
     state: Mutex<State>,
     max_pending: usize,
+    floor: SnapshotFloor,
 }
 
 /// The scheduler is at its limit of pending transactions; nothing was ordered.
@@ -46,6 +55,40 @@ struct State {
     waiting: HashMap<Position, oneshot::Sender<()>>,
     /// Transactions that went away while waiting: released as soon as they are granted.
     abandoned: HashSet<Position>,
+    /// Open snapshots: position → how many are open there.
+    snapshots: BTreeMap<Position, usize>,
+    /// Snapshots waiting for every transaction before their position to finish.
+    snapshot_waiters: Vec<(Position, oneshot::Sender<()>)>,
+}
+
+/// An open snapshot: reads at [`Snapshot::position`] see every transaction before it and
+/// nothing after. Closed when dropped.
+pub struct Snapshot {
+    scheduler: Arc<Scheduler>,
+    position: Position,
+    open: bool,
+}
+
+impl Snapshot {
+    /// The snapshot's position: it sees the writes of every position below it.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Closes the snapshot; returns whether the snapshot floor rose, so that older versions
+    /// may now be pruned ([`crate::store::Store::prune`]).
+    pub fn close(mut self) -> bool {
+        self.open = false;
+        self.scheduler.close_snapshot(self.position)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if self.open {
+            self.scheduler.close_snapshot(self.position);
+        }
+    }
 }
 
 /// The locks of one transaction, held until dropped.
@@ -70,15 +113,81 @@ impl Drop for Grant {
 impl Scheduler {
     /// A scheduler with no transactions and the default limit.
     pub fn new() -> Arc<Scheduler> {
-        Self::with_limit(DEFAULT_MAX_PENDING_TRANSACTIONS)
+        Self::with_limit(DEFAULT_MAX_PENDING_TRANSACTIONS, SnapshotFloor::default())
     }
 
-    /// A scheduler that refuses new transactions while `max_pending` are unfinished.
-    pub fn with_limit(max_pending: usize) -> Arc<Scheduler> {
+    /// A scheduler that refuses new transactions while `max_pending` are unfinished and
+    /// keeps `floor` at its lowest open snapshot.
+    pub fn with_limit(max_pending: usize, floor: SnapshotFloor) -> Arc<Scheduler> {
         Arc::new(Scheduler {
             state: Mutex::new(State::default()),
             max_pending,
+            floor,
         })
+    }
+
+    /// Opens a snapshot at the current end of the order and waits until every transaction
+    /// ordered before it has finished.
+    pub async fn snapshot(self: &Arc<Self>) -> Snapshot {
+        let waiting = {
+            let mut state = self.state.lock();
+            let position = state.next;
+            *state.snapshots.entry(position).or_default() += 1;
+            self.floor
+                .set(*state.snapshots.keys().next().expect("just added"));
+            let snapshot = Snapshot {
+                scheduler: self.clone(),
+                position,
+                open: true,
+            };
+            // Every unfinished transaction is before `position`.
+            if state.locks.is_empty() {
+                return snapshot;
+            }
+            let (wake, finished) = oneshot::channel();
+            state.snapshot_waiters.push((position, wake));
+            (snapshot, finished)
+        };
+        let (snapshot, finished) = waiting;
+        let _ = finished.await;
+        snapshot
+    }
+
+    /// Makes the next transaction's position `position` (replaying a recorded order, whose
+    /// positions may have gaps where a transaction was ordered and not recorded).
+    ///
+    /// # Panics
+    /// If `position` is below the next position: the order only moves forward.
+    pub fn advance_to(&self, position: Position) {
+        let mut state = self.state.lock();
+        assert!(
+            position >= state.next,
+            "cannot move the order back from {} to {position}",
+            state.next
+        );
+        state.next = position;
+    }
+
+    /// Closes a snapshot; returns whether the floor rose (older versions may be pruned).
+    fn close_snapshot(&self, position: Position) -> bool {
+        let mut state = self.state.lock();
+        let count = state
+            .snapshots
+            .get_mut(&position)
+            .expect("an open snapshot is registered");
+        *count -= 1;
+        if *count > 0 {
+            return false;
+        }
+        state.snapshots.remove(&position);
+        let floor = state
+            .snapshots
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(NO_SNAPSHOT);
+        self.floor.set(floor);
+        floor > position
     }
 
     /// Orders a transaction that needs `locks` and waits until it holds them all; refuses
@@ -152,6 +261,17 @@ impl Scheduler {
                 } else if let Some(wake) = state.waiting.remove(&runnable) {
                     let _ = wake.send(());
                 }
+            }
+        }
+        if !state.snapshot_waiters.is_empty() {
+            // Every transaction below the earliest unfinished one has finished.
+            let earliest = state.locks.earliest().unwrap_or(Position::MAX);
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.snapshot_waiters)
+                .into_iter()
+                .partition(|(position, _)| *position <= earliest);
+            state.snapshot_waiters = waiting;
+            for (_, wake) in ready {
+                let _ = wake.send(());
             }
         }
     }
@@ -232,7 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_new_transactions_are_refused_before_they_are_ordered() {
-        let scheduler = Scheduler::with_limit(2);
+        let scheduler = Scheduler::with_limit(2, SnapshotFloor::default());
         let first = scheduler.acquire(LockSet::All).await.unwrap();
         let mut second = Box::pin(scheduler.acquire(write("a")));
         assert!(poll_once(&mut second).is_pending());

@@ -81,18 +81,22 @@ impl Server {
         })?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
-            executor: Arc::new(Executor::new(
-                Arc::new(Store::new(config.shards)),
-                Arc::new(Procedures::new(
-                    Runtime::new(config.runtime.clone())?,
-                    config.max_modules,
-                )),
-                config.max_pending_transactions,
-            )),
+            executor: Arc::new(
+                Executor::new(
+                    Arc::new(Store::new(config.shards)),
+                    Arc::new(Procedures::new(
+                        Runtime::new(config.runtime.clone())?,
+                        config.max_modules,
+                    )),
+                    config.max_pending_transactions,
+                )
+                .with_max_transaction_bytes(config.max_transaction_bytes),
+            ),
             shutdown: CancellationToken::new(),
             streams: TaskTracker::new(),
             connections: AtomicUsize::new(0),
             max_connections: config.max_connections,
+            transaction_idle_timeout: config.transaction_idle_timeout,
         });
         let accept_task = tokio::spawn(network::accept_connections(
             endpoint.clone(),

@@ -1,9 +1,31 @@
-//! The in-memory store: `N` shards, each owning the keys that hash to it.
+//! The in-memory store: `N` shards, each owning the keys that hash to it, each key holding
+//! its newest version and, while open snapshots may need them, a few older ones (MVCC).
 //!
 //! A key's shard is [`transdb_proto::shard::shard_for_key`], a stable function, so a key
 //! stays in the same shard across restarts and, later, across nodes. A shard is the unit of
-//! ownership: the transaction manager will address each one as a two-phase-commit
-//! participant, so everything a shard holds is reached only through its own methods.
+//! ownership: the transaction manager addresses each one as a two-phase-commit participant,
+//! so everything a shard holds is reached only through its own methods.
+//!
+//! # Versions
+//!
+//! Every write is tagged with the [`Position`] of the transaction that made it. A
+//! *snapshot* at position `S` sees, for every key, the newest version written at a position
+//! below `S`: the state after the prefix of the total order before `S` (the scheduler only
+//! hands out a snapshot once every transaction before `S` has finished). Older versions are
+//! kept only while a snapshot may read them:
+//!
+//! ```text
+//! key "a":  v@3 ── v@9 ── v@17 (newest)        open snapshots: S = 12
+//!           drop   keep   keep                 (v@3 is hidden from every S >= 9)
+//! ```
+//!
+//! The *floor* is the lowest open snapshot ([`SnapshotFloor`], `u64::MAX` when none). A
+//! version is dropped as soon as its successor was written below the floor: no open or
+//! future snapshot can see it (future snapshots start at or above every position the
+//! writer holding the shard lock could have observed; see [`SnapshotFloor`]). With no
+//! snapshot open, a write replaces the value in place, as a plain map would. Keys left with
+//! older versions are remembered per shard, so [`Store::prune`] visits only those when a
+//! snapshot closes.
 //!
 //! # Why a lock per shard
 //!
@@ -17,21 +39,108 @@
 //! a large value is freed after the lock is released. With one shard per core two writers
 //! rarely meet on one lock, and when they do, the wait is one critical section.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
 use transdb_proto::shard::shard_for_key;
 
+use crate::lock_manager::Position;
 use crate::two_phase::{Coordinator, Decision, Message, Participant, Tick};
+
+type FastHasher = foldhash::fast::RandomState;
 
 /// Keys and bytes held by one shard.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
     /// Number of keys.
     pub keys: usize,
-    /// Sum of the lengths of keys and values, in bytes (not counting the map's overhead).
+    /// Sum of the lengths of keys and values, in bytes (not counting the map's overhead or
+    /// older versions kept for open snapshots).
     pub bytes: usize,
+    /// Older versions kept for open snapshots.
+    pub older_versions: usize,
+}
+
+/// The lowest position an open snapshot reads at (`u64::MAX` when none is open), shared by
+/// the scheduler, which opens and closes snapshots, and the store, which prunes versions.
+///
+/// Why a writer may trust the value it reads: a snapshot at `S` is registered (and the floor
+/// lowered) under the scheduler's mutex before any transaction at a position `>= S` is
+/// ordered, so every writer that could hide a version `S` needs has seen the registration.
+/// Writers below `S` only write versions that `S` sees as newest anyway. And the floor is
+/// read under the shard's lock, after every earlier write to that shard.
+#[derive(Clone, Debug)]
+pub struct SnapshotFloor(Arc<AtomicU64>);
+
+impl Default for SnapshotFloor {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU64::new(NO_SNAPSHOT)))
+    }
+}
+
+impl SnapshotFloor {
+    /// The lowest open snapshot, or `u64::MAX`.
+    pub fn get(&self) -> Position {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Sets the floor (the scheduler, under its mutex).
+    pub fn set(&self, floor: Position) {
+        self.0.store(floor, Ordering::SeqCst);
+    }
+}
+
+/// The floor when no snapshot is open.
+pub const NO_SNAPSHOT: Position = Position::MAX;
+
+/// One version of a key: written at `position`; `None` is a deletion.
+#[derive(Clone, Debug)]
+struct Version {
+    position: Position,
+    value: Option<Bytes>,
+}
+
+/// A key's versions.
+#[derive(Debug)]
+struct Entry {
+    /// Older versions an open snapshot may still read, oldest first; usually empty.
+    older: Vec<Version>,
+    newest: Version,
+}
+
+impl Entry {
+    /// The version a snapshot at `snapshot` sees.
+    fn at(&self, snapshot: Position) -> Option<&Version> {
+        if self.newest.position < snapshot {
+            return Some(&self.newest);
+        }
+        self.older
+            .iter()
+            .rev()
+            .find(|version| version.position < snapshot)
+    }
+
+    /// Drops the versions no snapshot at or above `floor` can see, into `freed`.
+    fn prune(&mut self, floor: Position, freed: &mut Vec<Bytes>) {
+        let successor = |index: usize, older: &[Version], newest: &Version| {
+            older.get(index + 1).unwrap_or(newest).position
+        };
+        let keep_from = (0..self.older.len())
+            .find(|&index| successor(index, &self.older, &self.newest) >= floor)
+            .unwrap_or(self.older.len());
+        // A deletion with nothing before it reads like no version at all.
+        let keep_from = (keep_from..self.older.len())
+            .find(|&index| self.older[index].value.is_some())
+            .unwrap_or(self.older.len());
+        freed.extend(
+            self.older
+                .drain(..keep_from)
+                .filter_map(|version| version.value),
+        );
+    }
 }
 
 /// One partition of the key space.
@@ -42,49 +151,108 @@ pub struct Shard {
 
 #[derive(Default)]
 struct ShardState {
-    map: HashMap<String, Bytes, foldhash::fast::RandomState>,
+    map: HashMap<String, Entry, FastHasher>,
     stats: ShardStats,
+    /// Keys whose entry holds older versions: what [`Store::prune`] visits.
+    versioned: HashSet<String, FastHasher>,
 }
 
 impl ShardState {
-    fn put(&mut self, key: &str, value: Bytes) -> Option<Bytes> {
-        let added = value.len();
-        let previous = match self.map.get_mut(key) {
-            Some(slot) => Some(std::mem::replace(slot, value)),
-            None => {
-                self.map.insert(key.to_owned(), value);
+    /// Writes `value` (`None` deletes) at `position`, pruning with `floor`; replaced values
+    /// go to `freed`, to be dropped outside the lock. Returns whether the key existed.
+    fn write(
+        &mut self,
+        key: &str,
+        value: Option<Bytes>,
+        position: Position,
+        floor: Position,
+        freed: &mut Vec<Bytes>,
+    ) -> bool {
+        let Some(entry) = self.map.get_mut(key) else {
+            if let Some(value) = value {
                 self.stats.keys += 1;
-                self.stats.bytes += key.len();
-                None
+                self.stats.bytes += key.len() + value.len();
+                self.map.insert(
+                    key.to_owned(),
+                    Entry {
+                        older: Vec::new(),
+                        newest: Version {
+                            position,
+                            value: Some(value),
+                        },
+                    },
+                );
             }
+            return false;
         };
-        self.stats.bytes += added;
-        self.stats.bytes -= previous.as_ref().map_or(0, Bytes::len);
-        previous
+        assert!(
+            position >= entry.newest.position,
+            "key {key:?} written at position {position} after position {}",
+            entry.newest.position
+        );
+        let existed = entry.newest.value.is_some();
+        if let Some(previous) = &entry.newest.value {
+            self.stats.keys -= 1;
+            self.stats.bytes -= key.len() + previous.len();
+        }
+        if let Some(value) = &value {
+            self.stats.keys += 1;
+            self.stats.bytes += key.len() + value.len();
+        }
+        let older_before = entry.older.len();
+        let version = Version { position, value };
+        if position == entry.newest.position {
+            // The same transaction writing the key again: no snapshot can tell them apart.
+            freed.extend(std::mem::replace(&mut entry.newest, version).value);
+        } else {
+            let previous = std::mem::replace(&mut entry.newest, version);
+            entry.older.push(previous);
+        }
+        entry.prune(floor, freed);
+        let older_after = entry.older.len();
+        self.stats.older_versions = self.stats.older_versions + older_after - older_before;
+        if older_after == 0 && entry.newest.value.is_none() {
+            self.map.remove(key);
+        }
+        if older_after > 0 {
+            if !self.versioned.contains(key) {
+                self.versioned.insert(key.to_owned());
+            }
+        } else if older_before > 0 {
+            self.versioned.remove(key);
+        }
+        existed
     }
 
-    fn delete(&mut self, key: &str) -> Option<Bytes> {
-        let (key, value) = self.map.remove_entry(key)?;
-        self.stats.keys -= 1;
-        self.stats.bytes -= key.len() + value.len();
-        Some(value)
+    /// Prunes every key that holds older versions.
+    fn prune(&mut self, floor: Position, freed: &mut Vec<Bytes>) {
+        let ShardState {
+            map,
+            stats,
+            versioned,
+        } = self;
+        versioned.retain(|key| {
+            let Some(entry) = map.get_mut(key) else {
+                return false;
+            };
+            let before = entry.older.len();
+            entry.prune(floor, freed);
+            stats.older_versions -= before - entry.older.len();
+            if !entry.older.is_empty() {
+                return true;
+            }
+            if entry.newest.value.is_none() {
+                map.remove(key);
+            }
+            false
+        });
     }
 }
 
 impl Shard {
-    /// The value of `key`.
+    /// The newest value of `key`.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.state.read().map.get(key).cloned()
-    }
-
-    /// Sets `key` to `value`; returns the previous value.
-    pub fn put(&self, key: &str, value: Bytes) -> Option<Bytes> {
-        self.state.write().put(key, value)
-    }
-
-    /// Removes `key`; returns the value it had.
-    pub fn delete(&self, key: &str) -> Option<Bytes> {
-        self.state.write().delete(key)
+        self.state.read().map.get(key)?.newest.value.clone()
     }
 
     /// What the shard holds.
@@ -93,9 +261,20 @@ impl Shard {
     }
 }
 
+/// What a snapshot read returns: the value and the version it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRead {
+    /// The value; `None` if the key does not exist at the snapshot.
+    pub value: Option<Bytes>,
+    /// The position that wrote `value`; `None` if the key does not exist at the snapshot.
+    /// Comparable with [`Store::version`] to tell whether the key changed since.
+    pub version: Option<Position>,
+}
+
 /// All shards of one server.
 pub struct Store {
     shards: Box<[Shard]>,
+    floor: SnapshotFloor,
 }
 
 impl Store {
@@ -107,7 +286,13 @@ impl Store {
         assert!(shard_count > 0, "a store needs at least one shard");
         Self {
             shards: (0..shard_count).map(|_| Shard::default()).collect(),
+            floor: SnapshotFloor::default(),
         }
+    }
+
+    /// The snapshot floor this store prunes with (the scheduler sets it).
+    pub fn snapshot_floor(&self) -> &SnapshotFloor {
+        &self.floor
     }
 
     /// Number of shards.
@@ -120,20 +305,68 @@ impl Store {
         &self.shards[shard_for_key(key, self.shards.len())]
     }
 
-    /// The value of `key`.
+    /// The newest value of `key`.
     pub fn get(&self, key: &str) -> Option<Bytes> {
         self.shard(key).get(key)
     }
 
-    /// Sets `key` to `value`, overwriting silently.
-    pub fn put(&self, key: &str, value: Bytes) {
-        // The previous value, possibly megabytes, is freed here, outside the shard's lock.
-        drop(self.shard(key).put(key, value));
+    /// The value of `key` as the snapshot at `snapshot` sees it: the newest version written
+    /// below that position. The caller keeps the snapshot open (see [`SnapshotFloor`]).
+    pub fn get_at(&self, key: &str, snapshot: Position) -> SnapshotRead {
+        let state = self.shard(key).state.read();
+        match state.map.get(key).and_then(|entry| entry.at(snapshot)) {
+            Some(Version {
+                position,
+                value: Some(value),
+            }) => SnapshotRead {
+                value: Some(value.clone()),
+                version: Some(*position),
+            },
+            _ => SnapshotRead {
+                value: None,
+                version: None,
+            },
+        }
     }
 
-    /// Removes `key`; returns whether it existed. Idempotent.
-    pub fn delete(&self, key: &str) -> bool {
-        self.shard(key).delete(key).is_some()
+    /// The position that wrote the newest value of `key`, `None` if it does not exist.
+    pub fn version(&self, key: &str) -> Option<Position> {
+        let state = self.shard(key).state.read();
+        let entry = state.map.get(key)?;
+        entry.newest.value.as_ref().map(|_| entry.newest.position)
+    }
+
+    /// Sets `key` to `value` at `position`, overwriting silently.
+    pub fn put(&self, key: &str, value: Bytes, position: Position) {
+        self.write(key, Some(value), position);
+    }
+
+    /// Removes `key` at `position`; returns whether it existed. Idempotent.
+    pub fn delete(&self, key: &str, position: Position) -> bool {
+        self.write(key, None, position)
+    }
+
+    fn write(&self, key: &str, value: Option<Bytes>, position: Position) -> bool {
+        let mut freed = Vec::new();
+        let mut state = self.shard(key).state.write();
+        let existed = state.write(key, value, position, self.floor.get(), &mut freed);
+        drop(state);
+        drop(freed); // previous values, possibly megabytes, are freed outside the lock
+        existed
+    }
+
+    /// Drops the older versions no open snapshot needs any more (after one closed).
+    pub fn prune(&self) {
+        for shard in self.shards.iter() {
+            let mut freed = Vec::new();
+            let mut state = shard.state.write();
+            if state.versioned.is_empty() {
+                continue;
+            }
+            state.prune(self.floor.get(), &mut freed);
+            drop(state);
+            drop(freed);
+        }
     }
 
     /// Keys and bytes per shard, in shard order.
@@ -150,12 +383,9 @@ impl Store {
         let mut entries: Vec<(String, Bytes)> = Vec::new();
         for shard in self.shards.iter() {
             let state = shard.state.read();
-            entries.extend(
-                state
-                    .map
-                    .iter()
-                    .map(|(key, value)| (key.clone(), value.clone())),
-            );
+            entries.extend(state.map.iter().filter_map(|(key, entry)| {
+                Some((key.clone(), entry.newest.value.as_ref()?.clone()))
+            }));
         }
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut hasher = Sha256::new();
@@ -173,8 +403,8 @@ impl Store {
         shard_for_key(key, self.shards.len())
     }
 
-    /// Applies a transaction's writes (`None` deletes), in order (a later write to a key
-    /// wins). Isolation between transactions comes from the key locks of
+    /// Applies a transaction's writes (`None` deletes) at `position`, in order (a later
+    /// write to a key wins). Isolation between transactions comes from the key locks of
     /// [`crate::lock_manager`], which the writer holds until this returns; each shard is
     /// write-locked once, briefly.
     ///
@@ -187,7 +417,11 @@ impl Store {
     /// # Errors
     /// The reason the transaction was aborted, if a participant refused; nothing was
     /// applied then.
-    pub fn apply(&self, writes: Vec<(String, Option<Bytes>)>) -> Result<(), String> {
+    pub fn apply(
+        &self,
+        writes: Vec<(String, Option<Bytes>)>,
+        position: Position,
+    ) -> Result<(), String> {
         let mut by_shard: BTreeMap<usize, ShardWrites> = BTreeMap::new();
         for (key, value) in writes {
             by_shard
@@ -197,7 +431,7 @@ impl Store {
         }
         if by_shard.len() <= 1 {
             for (shard, writes) in by_shard {
-                self.apply_to_shard(shard, writes);
+                self.apply_to_shard(shard, writes, position);
             }
             return Ok(());
         }
@@ -224,7 +458,7 @@ impl Store {
                         .expect("a participant")
                         .on_decision(&decision)
                     {
-                        self.apply_to_shard(to, writes);
+                        self.apply_to_shard(to, writes, position);
                     }
                 }
             }
@@ -242,17 +476,15 @@ impl Store {
         Ok(writes)
     }
 
-    fn apply_to_shard(&self, shard: usize, writes: ShardWrites) {
+    fn apply_to_shard(&self, shard: usize, writes: ShardWrites, position: Position) {
+        let mut freed = Vec::new();
         let mut state = self.shards[shard].state.write();
-        let replaced: Vec<Option<Bytes>> = writes
-            .into_iter()
-            .map(|(key, value)| match value {
-                Some(value) => state.put(&key, value),
-                None => state.delete(&key),
-            })
-            .collect();
+        let floor = self.floor.get();
+        for (key, value) in writes {
+            state.write(&key, value, position, floor, &mut freed);
+        }
         drop(state);
-        drop(replaced); // previous values are freed outside the shard lock
+        drop(freed); // previous values are freed outside the shard lock
     }
 }
 
@@ -267,11 +499,11 @@ mod tests {
     fn put_overwrites_get_reads_delete_is_idempotent() {
         let store = Store::new(4);
         assert_eq!(store.get("a"), None);
-        store.put("a", Bytes::from_static(b"1"));
-        store.put("a", Bytes::from_static(b"22"));
+        store.put("a", Bytes::from_static(b"1"), 0);
+        store.put("a", Bytes::from_static(b"22"), 1);
         assert_eq!(store.get("a").as_deref(), Some(&b"22"[..]));
-        assert!(store.delete("a"));
-        assert!(!store.delete("a"));
+        assert!(store.delete("a", 2));
+        assert!(!store.delete("a", 3));
         assert_eq!(store.get("a"), None);
     }
 
@@ -280,7 +512,7 @@ mod tests {
         let store = Store::new(3);
         for i in 0..100 {
             let key = format!("key-{i}");
-            store.put(&key, Bytes::from(vec![0; i]));
+            store.put(&key, Bytes::from(vec![0; i]), 0);
         }
         let stats = store.shard_stats();
         for i in 0..100 {
@@ -298,27 +530,62 @@ mod tests {
     #[test]
     fn stats_track_keys_and_bytes_through_overwrites_and_deletes() {
         let store = Store::new(1);
-        store.put("ab", Bytes::from_static(b"xyz"));
-        assert_eq!(store.shard_stats()[0], ShardStats { keys: 1, bytes: 5 });
-        store.put("ab", Bytes::from_static(b"x"));
-        assert_eq!(store.shard_stats()[0], ShardStats { keys: 1, bytes: 3 });
-        store.put("c", Bytes::new());
-        assert_eq!(store.shard_stats()[0], ShardStats { keys: 2, bytes: 4 });
-        store.delete("ab");
-        assert_eq!(store.shard_stats()[0], ShardStats { keys: 1, bytes: 1 });
-        store.delete("ab");
-        assert_eq!(store.shard_stats()[0], ShardStats { keys: 1, bytes: 1 });
+        store.put("ab", Bytes::from_static(b"xyz"), 0);
+        assert_eq!(
+            store.shard_stats()[0],
+            ShardStats {
+                keys: 1,
+                bytes: 5,
+                older_versions: 0
+            }
+        );
+        store.put("ab", Bytes::from_static(b"x"), 1);
+        assert_eq!(
+            store.shard_stats()[0],
+            ShardStats {
+                keys: 1,
+                bytes: 3,
+                older_versions: 0
+            }
+        );
+        store.put("c", Bytes::new(), 2);
+        assert_eq!(
+            store.shard_stats()[0],
+            ShardStats {
+                keys: 2,
+                bytes: 4,
+                older_versions: 0
+            }
+        );
+        store.delete("ab", 3);
+        assert_eq!(
+            store.shard_stats()[0],
+            ShardStats {
+                keys: 1,
+                bytes: 1,
+                older_versions: 0
+            }
+        );
+        store.delete("ab", 4);
+        assert_eq!(
+            store.shard_stats()[0],
+            ShardStats {
+                keys: 1,
+                bytes: 1,
+                older_versions: 0
+            }
+        );
     }
 
     #[test]
     fn apply_writes_and_deletes_across_shards_and_keeps_the_stats() {
         let store = Store::new(4);
-        store.put("gone", Bytes::from_static(b"x"));
+        store.put("gone", Bytes::from_static(b"x"), 0);
         let writes = (0..20)
             .map(|i| (format!("k{i}"), Some(Bytes::from(vec![1; i]))))
             .chain([("gone".to_string(), None)])
             .collect();
-        store.apply(writes).unwrap();
+        store.apply(writes, 1).unwrap();
         for i in 0..20 {
             assert_eq!(
                 store.get(&format!("k{i}")).map(|value| value.len()),
@@ -338,22 +605,22 @@ mod tests {
     fn the_state_hash_depends_on_the_contents_only() {
         let (two, three) = (Store::new(2), Store::new(3));
         for i in 0..50 {
-            two.put(&format!("k{i}"), Bytes::from(format!("v{i}")));
+            two.put(&format!("k{i}"), Bytes::from(format!("v{i}")), 0);
         }
         for i in (0..50).rev() {
-            three.put(&format!("k{i}"), Bytes::from(format!("v{i}")));
+            three.put(&format!("k{i}"), Bytes::from(format!("v{i}")), 0);
         }
         assert_eq!(
             two.state_hash(),
             three.state_hash(),
             "shard count and insertion order do not matter"
         );
-        three.put("k7", Bytes::from_static(b"changed"));
+        three.put("k7", Bytes::from_static(b"changed"), 1);
         assert_ne!(two.state_hash(), three.state_hash());
         // Framing: ("ab", "c") and ("a", "bc") differ.
         let (left, right) = (Store::new(1), Store::new(1));
-        left.put("ab", Bytes::from_static(b"c"));
-        right.put("a", Bytes::from_static(b"bc"));
+        left.put("ab", Bytes::from_static(b"c"), 0);
+        right.put("a", Bytes::from_static(b"bc"), 0);
         assert_ne!(left.state_hash(), right.state_hash());
     }
 
@@ -368,6 +635,7 @@ mod tests {
                         store.put(
                             &format!("{thread}/{i}"),
                             Bytes::from(format!("{thread}:{i}")),
+                            0,
                         );
                     }
                 });

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use transdb_proto::{ErrorCode, ErrorResponse, limits};
 
-use crate::lock_manager::{LockSet, Mode, lock_id};
+use crate::lock_manager::{LockSet, Mode, Position, lock_id};
 use crate::store::Store;
 
 /// A declared key set: key → whether it may be written.
@@ -116,9 +116,9 @@ impl Transaction {
     ///
     /// # Errors
     /// `INTERNAL` if a shard refused in two-phase commit; nothing was applied then.
-    pub fn commit(self) -> Result<(), ErrorResponse> {
+    pub fn commit(self, position: Position) -> Result<(), ErrorResponse> {
         self.store
-            .apply(self.writes.into_iter().collect())
+            .apply(self.writes.into_iter().collect(), position)
             .map_err(|reason| {
                 ErrorResponse::new(ErrorCode::INTERNAL, format!("commit aborted: {reason}"))
             })
@@ -171,13 +171,13 @@ mod tests {
     #[test]
     fn reads_see_own_writes_and_commit_applies_them_all() {
         let store = Arc::new(Store::new(4));
-        store.put("a", Bytes::from_static(b"1"));
+        store.put("a", Bytes::from_static(b"1"), 0);
         let mut tx = Transaction::begin(store.clone(), declared(&[("a", true), ("b", true)]), 10);
         tx.put("b", b"2").unwrap();
         assert_eq!(tx.get("b").unwrap().as_deref(), Some(&b"2"[..]));
         assert!(tx.delete("a").unwrap());
         assert_eq!(tx.get("a").unwrap(), None);
-        tx.commit().unwrap();
+        tx.commit(1).unwrap();
         assert_eq!(store.get("a"), None);
         assert_eq!(store.get("b").as_deref(), Some(&b"2"[..]));
     }

@@ -101,6 +101,17 @@ error_codes! {
         ABI_VIOLATION = 74, "the module broke the host ABI (see ABI.md); nothing was written";
     /// A procedure without a key function kept touching keys its reconnaissance had not seen.
     KEY_SET_UNSTABLE = 75, "the procedure's keys kept changing between reconnaissance and execution; nothing was written: retry, or give it a key function";
+    /// An interactive transaction read a key that another transaction wrote after its
+    /// snapshot; it was rolled back.
+    CONFLICT = 76, "another transaction wrote a key this transaction read, after its snapshot; nothing was written and the transaction is over: retry it from Begin";
+    /// Commit or Rollback without an open transaction on the stream.
+    NO_TRANSACTION = 77, "there is no open transaction on this stream: send Begin first (each transaction lives on one stream)";
+    /// A request that cannot run inside an interactive transaction.
+    TRANSACTION_OPEN = 78, "this stream has an open transaction: only Get, Put, Delete, Commit, Rollback and Ping may be sent until it ends";
+    /// The transaction sat idle past the server's limit and was rolled back (stream reset).
+    TRANSACTION_TIMEOUT = 79, "the transaction was idle longer than --transaction-idle-timeout-ms and was rolled back; nothing was written: retry it, without pauses inside it";
+    /// The transaction's buffered writes exceed the server's limit.
+    TRANSACTION_TOO_LARGE = 80, "the transaction's writes exceed --max-transaction-bytes; it was rolled back: split it into smaller transactions";
 }
 
 impl fmt::Debug for ErrorCode {

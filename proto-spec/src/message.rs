@@ -78,6 +78,18 @@ pub enum Request<'a> {
         #[serde(borrow)]
         ops: Vec<BatchOp<'a>>,
     },
+    /// Open an interactive transaction on this stream; answered with [`Response::Begun`].
+    /// Until [`Request::Commit`] or [`Request::Rollback`], the stream's `Get`, `Put` and
+    /// `Delete` belong to the transaction: reads see a consistent snapshot taken here (plus
+    /// the transaction's own writes), writes are buffered in the server. Ending the stream,
+    /// or losing the connection, rolls it back.
+    Begin,
+    /// Commit the stream's transaction; answered with [`Response::Committed`], or with a
+    /// `CONFLICT` error (nothing written, retry the whole transaction) if a key it read was
+    /// written by another transaction since its snapshot.
+    Commit,
+    /// Roll the stream's transaction back; answered with [`Response::RolledBack`].
+    Rollback,
 }
 
 /// One write of a [`Request::Batch`].
@@ -183,6 +195,19 @@ pub enum Response<'a> {
         /// Number of writes applied.
         ops: u64,
     },
+    /// Answer to [`Request::Begin`]: the transaction is open.
+    Begun {
+        /// The snapshot's position: reads see every transaction ordered before it.
+        snapshot: u64,
+    },
+    /// Answer to [`Request::Commit`]: every write of the transaction was applied, atomically.
+    Committed {
+        /// The transaction's position in the total order (its snapshot position if it
+        /// wrote nothing: a read-only transaction is serialized at its snapshot).
+        position: u64,
+    },
+    /// Answer to [`Request::Rollback`]: the transaction ended; nothing was written.
+    RolledBack,
 }
 
 /// What [`Request::Stats`] returns. Taken as one transaction that holds every lock, so the
@@ -245,6 +270,9 @@ impl Request<'_> {
             Request::Batch { ops } => Request::Batch {
                 ops: ops.into_iter().map(BatchOp::into_owned).collect(),
             },
+            Request::Begin => Request::Begin,
+            Request::Commit => Request::Commit,
+            Request::Rollback => Request::Rollback,
         }
     }
 }
@@ -265,6 +293,9 @@ impl Response<'_> {
             Response::Modules(modules) => Response::Modules(modules),
             Response::Stats(stats) => Response::Stats(stats),
             Response::Batched { ops } => Response::Batched { ops },
+            Response::Begun { snapshot } => Response::Begun { snapshot },
+            Response::Committed { position } => Response::Committed { position },
+            Response::RolledBack => Response::RolledBack,
         }
     }
 
@@ -281,6 +312,9 @@ impl Response<'_> {
             Response::Modules(_) => "Modules",
             Response::Stats(_) => "Stats",
             Response::Batched { .. } => "Batched",
+            Response::Begun { .. } => "Begun",
+            Response::Committed { .. } => "Committed",
+            Response::RolledBack => "RolledBack",
         }
     }
 }

@@ -1,11 +1,13 @@
 //! Determinism and serializability of the whole execution path: run a concurrent mixed
 //! workload, record every transaction with its position in the total order and its
 //! response, then replay the recording one transaction at a time, in position order, into a
-//! fresh engine. Every response and the final state hash must be identical.
+//! fresh engine. Every response and the final state hash must be identical. The workload
+//! includes interactive transactions, whose commits are recorded as their input (the
+//! versions read and the writes) and replayed at their recorded positions.
 
 use std::sync::Arc;
 
-use transdb_host::executor::Executor;
+use transdb_host::executor::{Command, Executor, Session};
 use transdb_host::procedures::Procedures;
 use transdb_host::runtime::{Runtime, RuntimeLimits};
 use transdb_host::store::Store;
@@ -86,6 +88,55 @@ async fn run(executor: &Executor, request: Request<'static>) -> Vec<u8> {
     out
 }
 
+fn decode(frame_bytes: &[u8]) -> Response<'static> {
+    let (payload, _) = frame::split(frame_bytes).unwrap().unwrap();
+    frame::decode::<Response<'_>>(payload).unwrap().into_owned()
+}
+
+/// An interactive transfer of 1 between two accounts (stored as decimal text by `bank`):
+/// Begin, two reads, two writes, Commit. Returns whether it committed (else: a conflict).
+async fn interactive_transfer(executor: &Executor, from: u64, to: u64) -> bool {
+    let mut session = Session::default();
+    let mut step = async |request: Request<'static>| {
+        let mut out = Vec::new();
+        executor.execute_in(&mut session, request, &mut out).await;
+        decode(&out)
+    };
+    assert!(matches!(step(Request::Begin).await, Response::Begun { .. }));
+    let mut balances = Vec::new();
+    for account in [from, to] {
+        let Response::Value(Some(value)) = step(Request::Get {
+            key: format!("account:a{account}").into(),
+        })
+        .await
+        else {
+            panic!("account a{account} exists")
+        };
+        balances.push(
+            String::from_utf8(value.into_owned())
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
+    }
+    if balances[0] < 1 {
+        return matches!(step(Request::Rollback).await, Response::RolledBack);
+    }
+    for (account, balance) in [(from, balances[0] - 1), (to, balances[1] + 1)] {
+        let stored = step(Request::Put {
+            key: format!("account:a{account}").into(),
+            value: balance.to_string().into_bytes().into(),
+        })
+        .await;
+        assert_eq!(stored, Response::Stored);
+    }
+    match step(Request::Commit).await {
+        Response::Committed { .. } => true,
+        Response::Error(error) if error.code == ErrorCode::CONFLICT => false,
+        other => panic!("unexpected commit answer {other:?}"),
+    }
+}
+
 async fn set_up(executor: &Executor) {
     for account in 0..10 {
         run(
@@ -113,6 +164,8 @@ fn state_hash(executor: &Executor) -> [u8; 32] {
 async fn replaying_the_ordered_input_reproduces_every_response_and_the_state() {
     const WORKERS: u64 = 8;
     const REQUESTS_PER_WORKER: u64 = 120;
+    const INTERACTIVE_WORKERS: u64 = 4;
+    const TRANSACTIONS_PER_INTERACTIVE_WORKER: u64 = 60;
     let original = Arc::new(engine(2).with_history());
     set_up(&original).await;
     let mut workers = Vec::new();
@@ -133,16 +186,50 @@ async fn replaying_the_ordered_input_reproduces_every_response_and_the_state() {
             unordered
         }));
     }
+    let mut interactive = Vec::new();
+    for worker in 0..INTERACTIVE_WORKERS {
+        let executor = original.clone();
+        interactive.push(tokio::spawn(async move {
+            let mut outcomes = (0u64, 0u64);
+            for index in 0..TRANSACTIONS_PER_INTERACTIVE_WORKER {
+                let (from, to) = ((worker + index) % 10, (worker * 3 + index * 7 + 1) % 10);
+                if from == to {
+                    continue;
+                }
+                if interactive_transfer(&executor, from, to).await {
+                    outcomes.0 += 1;
+                } else {
+                    outcomes.1 += 1;
+                }
+            }
+            outcomes
+        }));
+    }
     let mut unordered = 0;
     for worker in workers {
         unordered += worker.await.unwrap();
     }
+    let (mut committed, mut conflicts) = (0, 0);
+    for worker in interactive {
+        let (ok, conflict) = worker.await.unwrap();
+        committed += ok;
+        conflicts += conflict;
+    }
     let history = original.take_history();
+    let commits = history
+        .iter()
+        .filter(|recorded| matches!(recorded.command, Command::Commit(_)))
+        .count() as u64;
     assert_eq!(
-        history.len() as u64,
+        history.len() as u64 - commits,
         11 + WORKERS * REQUESTS_PER_WORKER - unordered,
         "every other request was ordered"
     );
+    assert!(
+        commits <= committed + conflicts && commits >= committed,
+        "every interactive commit with writes was ordered ({commits} ordered, {committed} committed, {conflicts} conflicts)"
+    );
+    assert!(committed > 0, "some interactive transfers committed");
     let aborted = history
         .iter()
         .filter(|recorded| {
@@ -157,11 +244,12 @@ async fn replaying_the_ordered_input_reproduces_every_response_and_the_state() {
     // A fresh engine, with another shard count, one transaction at a time.
     let replay = engine(3);
     for recorded in &history {
-        let response = run(&replay, recorded.request.clone()).await;
+        let mut response = Vec::new();
+        replay.replay(recorded, &mut response).await;
         assert_eq!(
             response, recorded.response,
             "position {}: {:?} answered differently on replay",
-            recorded.position, recorded.request
+            recorded.position, recorded.command
         );
     }
     assert_eq!(

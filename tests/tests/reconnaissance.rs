@@ -27,20 +27,20 @@ fn engine() -> Executor {
 #[tokio::test]
 async fn a_key_set_that_moved_since_reconnaissance_aborts_without_effect() {
     let executor = engine();
-    executor.store.put("pointer", "x".into());
+    executor.store.put("pointer", "x".into(), 0);
     let prepared = executor
         .procedures
         .prepare("testkit", "follow", Encoding::Json, FOLLOW, &executor.store)
         .unwrap();
     assert!(prepared.reconnoitred());
     // Another transaction moves the pointer after the reconnaissance.
-    executor.store.put("pointer", "y".into());
+    executor.store.put("pointer", "y".into(), 0);
     let _locks = executor
         .scheduler
         .acquire(prepared.lock_set())
         .await
         .unwrap();
-    let error = prepared.execute(&executor.store, FOLLOW).unwrap_err();
+    let error = prepared.execute(&executor.store, FOLLOW, 1).unwrap_err();
     assert_eq!(error.code, ErrorCode::KEY_NOT_DECLARED, "{error}");
     assert_eq!(executor.store.get("x"), None);
     assert_eq!(executor.store.get("y"), None);
@@ -49,7 +49,7 @@ async fn a_key_set_that_moved_since_reconnaissance_aborts_without_effect() {
 #[tokio::test]
 async fn the_server_retries_with_a_fresh_reconnaissance_and_succeeds() {
     let executor = engine();
-    executor.store.put("pointer", "y".into());
+    executor.store.put("pointer", "y".into(), 0);
     let mut out = Vec::new();
     let call = Request::Call {
         module: "testkit".into(),
@@ -69,7 +69,7 @@ async fn the_server_retries_with_a_fresh_reconnaissance_and_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pointer_moves_never_lose_an_increment() {
     let executor = Arc::new(engine());
-    executor.store.put("pointer", "c0".into());
+    executor.store.put("pointer", "c0".into(), 0);
     let mut tasks = Vec::new();
     for worker in 0..4u32 {
         let executor = executor.clone();

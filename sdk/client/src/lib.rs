@@ -16,6 +16,7 @@
 //! sent when the connection broke fails with [`Error::ConnectionLost`]: the client cannot know
 //! whether the server applied it, so it does not retry it behind your back.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -78,6 +79,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether running the same operation again may succeed: the server was busy, or an
+    /// interactive transaction conflicted or timed out (run all of it again), or a
+    /// procedure's key set kept moving. Nothing was applied in any of these cases.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                ErrorCode::OVERLOADED
+                    | ErrorCode::CONFLICT
+                    | ErrorCode::TRANSACTION_TIMEOUT
+                    | ErrorCode::KEY_SET_UNSTABLE
+            )
+        )
+    }
+
     /// The protocol error code behind this error, if there is one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -326,6 +342,40 @@ impl Client {
         }
     }
 
+    /// Opens an interactive transaction on a stream of its own. Reads see a consistent
+    /// snapshot taken now (plus the transaction's own writes); writes are buffered in the
+    /// server until [`Transaction::commit`], which applies all of them atomically or fails
+    /// with [`ErrorCode::CONFLICT`] if another transaction wrote a key this one read in the
+    /// meantime ([`Error::is_retryable`]: run the whole transaction again). Dropping the
+    /// transaction, or losing the connection, rolls it back.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: transdb_client::Client) -> Result<(), transdb_client::Error> {
+    /// let mut tx = client.begin().await?;
+    /// let from: i64 = String::from_utf8_lossy(&tx.get("a").await?.unwrap_or_default()).parse().unwrap_or(0);
+    /// tx.put("a", (from - 10).to_string()).await?;
+    /// tx.put("b", b"10").await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(&self) -> Result<Transaction, Error> {
+        let (send, recv) = self.open_stream().await?;
+        let mut transaction = Transaction {
+            send,
+            recv,
+            reader: FrameReader::new(),
+            snapshot: 0,
+            open: true,
+        };
+        match transaction.exchange(&Request::Begin).await? {
+            Response::Begun { snapshot } => {
+                transaction.snapshot = snapshot;
+                Ok(transaction)
+            }
+            other => Err(unexpected("Begin", &other)),
+        }
+    }
+
     /// The server's statistics and the hash of its state, taken as one transaction that
     /// holds every lock (a consistent state at `position`).
     pub async fn stats(&self) -> Result<ServerStats, Error> {
@@ -416,6 +466,123 @@ impl Client {
         })?;
         *inner.connection.lock() = fresh.clone();
         Ok(fresh)
+    }
+}
+
+/// An interactive transaction (see [`Client::begin`]): one stream, one request at a time.
+///
+/// An error answer to `get`, `put` or `delete` (a key over the size limit, say) leaves the
+/// transaction open, except [`ErrorCode::TOO_MANY_KEYS`] and
+/// [`ErrorCode::TRANSACTION_TOO_LARGE`], which end it. If the transaction waits longer than
+/// the server's idle timeout between two requests, the server rolls it back and the next
+/// request fails with [`ErrorCode::TRANSACTION_TIMEOUT`].
+pub struct Transaction {
+    send: SendStream,
+    recv: RecvStream,
+    reader: FrameReader,
+    snapshot: u64,
+    /// Until committed or rolled back.
+    open: bool,
+}
+
+impl Transaction {
+    /// The position of the transaction's snapshot: its reads see every transaction the
+    /// server ordered before it.
+    pub fn snapshot(&self) -> u64 {
+        self.snapshot
+    }
+
+    /// The value of `key` as this transaction sees it.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        check(limits::check_key(key))?;
+        match self.exchange(&Request::Get { key: key.into() }).await? {
+            Response::Value(value) => Ok(value.map(Cow::into_owned)),
+            other => Err(unexpected("Get", &other)),
+        }
+    }
+
+    /// Sets `key` to `value` when the transaction commits.
+    pub async fn put(&mut self, key: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
+        let value = value.as_ref();
+        check(limits::check_key(key))?;
+        check(limits::check_value(value))?;
+        match self
+            .exchange(&Request::Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await?
+        {
+            Response::Stored => Ok(()),
+            other => Err(unexpected("Put", &other)),
+        }
+    }
+
+    /// Removes `key` when the transaction commits; returns whether it exists now, as this
+    /// transaction sees it.
+    pub async fn delete(&mut self, key: &str) -> Result<bool, Error> {
+        check(limits::check_key(key))?;
+        match self.exchange(&Request::Delete { key: key.into() }).await? {
+            Response::Deleted { existed } => Ok(existed),
+            other => Err(unexpected("Delete", &other)),
+        }
+    }
+
+    /// Commits: every write applies atomically, or, with [`ErrorCode::CONFLICT`], none does.
+    /// Returns the transaction's position in the server's total order.
+    pub async fn commit(mut self) -> Result<u64, Error> {
+        let response = self.exchange(&Request::Commit).await;
+        self.end().await;
+        match response? {
+            Response::Committed { position } => Ok(position),
+            other => Err(unexpected("Commit", &other)),
+        }
+    }
+
+    /// Rolls back: nothing the transaction wrote is applied.
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        let response = self.exchange(&Request::Rollback).await;
+        self.end().await;
+        match response? {
+            Response::RolledBack => Ok(()),
+            other => Err(unexpected("Rollback", &other)),
+        }
+    }
+
+    async fn exchange(&mut self, request: &Request<'_>) -> Result<Response<'static>, Error> {
+        let frame =
+            frame::encode_to_vec(request).map_err(|error| Error::Config(error.to_string()))?;
+        self.send.write_all(&frame).await.map_err(write_error)?;
+        let response = match self.reader.next::<Response<'_>>(&mut self.recv).await {
+            Ok(Some(response)) => response.into_owned(),
+            Ok(None) => {
+                return Err(Error::Protocol(
+                    "the server finished the transaction's stream without answering".into(),
+                ));
+            }
+            Err(error) => return Err(read_error(error)),
+        };
+        match response {
+            Response::Error(error) => Err(Error::Rejected(error)),
+            response => Ok(response),
+        }
+    }
+
+    /// Finishes the stream after the last answer.
+    async fn end(&mut self) {
+        self.open = false;
+        let _ = self.send.finish();
+        let _ = expect_end(&mut self.reader, &mut self.recv).await;
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if self.open {
+            // Resetting the stream rolls the transaction back at once.
+            let _ = self.send.reset(ErrorCode::NO_ERROR.0.into());
+            let _ = self.recv.stop(ErrorCode::NO_ERROR.0.into());
+        }
     }
 }
 
