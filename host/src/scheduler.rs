@@ -370,4 +370,50 @@ mod tests {
         let next = scheduler.acquire(write("b")).await.unwrap();
         assert_eq!(next.position(), 2, "the refused request took no position");
     }
+
+    #[tokio::test]
+    async fn a_snapshot_waits_for_every_earlier_transaction_and_no_later_one() {
+        let scheduler = Scheduler::new();
+        let first = scheduler.acquire(write("a")).await.unwrap();
+        let second = scheduler.acquire(write("b")).await.unwrap();
+        let mut snapshot = Box::pin(scheduler.snapshot());
+        assert!(poll_once(&mut snapshot).is_pending(), "two are unfinished");
+        let later = scheduler.acquire(write("c")).await.unwrap();
+        assert_eq!(later.position(), 2, "ordered after the snapshot");
+        drop(first);
+        assert!(poll_once(&mut snapshot).is_pending(), "one is unfinished");
+        drop(second);
+        let Poll::Ready(snapshot) = poll_once(&mut snapshot) else {
+            panic!("every transaction before the snapshot has finished")
+        };
+        assert_eq!(
+            snapshot.position(),
+            2,
+            "it sees positions 0 and 1, not `later`"
+        );
+        drop(later);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_takes_no_position_and_holds_the_floor_while_open() {
+        let floor = SnapshotFloor::default();
+        let scheduler = Scheduler::with_limit(10, floor.clone());
+        drop(scheduler.acquire(write("a")).await.unwrap());
+        let older = scheduler.snapshot().await;
+        assert_eq!(older.position(), 1);
+        assert_eq!(floor.get(), 1);
+        let next = scheduler.acquire(write("a")).await.unwrap();
+        assert_eq!(next.position(), 1, "the snapshot took no position");
+        drop(next);
+        let newer = scheduler.snapshot().await;
+        assert_eq!(newer.position(), 2);
+        assert_eq!(floor.get(), 1, "the lowest open snapshot");
+        assert!(!newer.close(), "the floor stays at the older snapshot");
+        assert!(older.close(), "the floor rose");
+        assert_eq!(floor.get(), NO_SNAPSHOT);
+        let dropped = scheduler.snapshot().await;
+        assert_eq!(floor.get(), 2);
+        drop(dropped);
+        assert_eq!(floor.get(), NO_SNAPSHOT, "dropping closes it too");
+    }
 }
