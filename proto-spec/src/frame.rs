@@ -259,6 +259,24 @@ mod tests {
                 })
                 .unwrap(),
             ),
+            ("request Begin", encode_to_vec(&Request::Begin).unwrap()),
+            ("request Commit", encode_to_vec(&Request::Commit).unwrap()),
+            (
+                "request Rollback",
+                encode_to_vec(&Request::Rollback).unwrap(),
+            ),
+            (
+                "response Begun{snapshot:300}",
+                encode_to_vec(&Response::Begun { snapshot: 300 }).unwrap(),
+            ),
+            (
+                "response Committed{position:5}",
+                encode_to_vec(&Response::Committed { position: 5 }).unwrap(),
+            ),
+            (
+                "response RolledBack",
+                encode_to_vec(&Response::RolledBack).unwrap(),
+            ),
             (
                 "response Output(\"ok\")",
                 encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),
