@@ -155,6 +155,7 @@ impl Executor {
             return self.in_transaction(session, request, out).await;
         }
         let recorded = self.history.as_ref().map(|_| request.clone().into_owned());
+        let input_bytes = input_bytes(&request);
         let start = out.len();
         let grant = match request {
             Request::Begin => {
@@ -184,7 +185,10 @@ impl Executor {
                 encode(&Response::Pong, out);
                 None
             }
-            Request::Get { key } => match self.acquire(one_key(&key, Mode::Shared), out).await {
+            Request::Get { key } => match self
+                .acquire(one_key(&key, Mode::Shared), input_bytes, out)
+                .await
+            {
                 Some(grant) => {
                     let value = self.store.get(&key);
                     encode(&Response::Value(value.as_deref().map(Cow::Borrowed)), out);
@@ -193,7 +197,10 @@ impl Executor {
                 None => None,
             },
             Request::Put { key, value } => {
-                match self.acquire(one_key(&key, Mode::Exclusive), out).await {
+                match self
+                    .acquire(one_key(&key, Mode::Exclusive), input_bytes, out)
+                    .await
+                {
                     Some(grant) => {
                         self.store
                             .put(&key, Bytes::copy_from_slice(&value), grant.position());
@@ -204,7 +211,10 @@ impl Executor {
                 }
             }
             Request::Delete { key } => {
-                match self.acquire(one_key(&key, Mode::Exclusive), out).await {
+                match self
+                    .acquire(one_key(&key, Mode::Exclusive), input_bytes, out)
+                    .await
+                {
                     Some(grant) => {
                         encode(
                             &Response::Deleted {
@@ -229,7 +239,7 @@ impl Executor {
                         .map(|op| (lock_id(op.key()), Mode::Exclusive))
                         .collect(),
                 );
-                match self.acquire(locks, out).await {
+                match self.acquire(locks, input_bytes, out).await {
                     Some(grant) => {
                         let count = ops.len() as u64;
                         let writes = ops
@@ -254,7 +264,7 @@ impl Executor {
                     None => None,
                 }
             }
-            Request::Stats => match self.acquire(LockSet::All, out).await {
+            Request::Stats => match self.acquire(LockSet::All, input_bytes, out).await {
                 Some(grant) => {
                     encode(&Response::Stats(self.stats(grant.position())), out);
                     Some(grant)
@@ -354,7 +364,7 @@ impl Executor {
     /// `CONFLICT`), appending the response to `out`.
     async fn commit(&self, plan: CommitPlan, out: &mut Vec<u8>) {
         let start = out.len();
-        let Some(grant) = self.acquire(plan.lock_set(), out).await else {
+        let Some(grant) = self.acquire(plan.lock_set(), plan.input_bytes(), out).await else {
             return;
         };
         let response = match plan.validate(&self.store) {
@@ -380,9 +390,15 @@ impl Executor {
         drop(grant);
     }
 
-    /// Orders a transaction and waits for its locks, or answers `OVERLOADED`.
-    async fn acquire(&self, locks: LockSet, out: &mut Vec<u8>) -> Option<Grant> {
-        match self.scheduler.acquire(locks).await {
+    /// Orders a transaction of `input_bytes` ordered input and waits for its locks, or
+    /// answers `OVERLOADED`.
+    async fn acquire(
+        &self,
+        locks: LockSet,
+        input_bytes: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<Grant> {
+        match self.scheduler.acquire_sized(locks, input_bytes).await {
             Ok(grant) => Some(grant),
             Err(overloaded) => {
                 encode(&Response::Error(overloaded_error(overloaded)), out);
@@ -417,7 +433,13 @@ impl Executor {
                     }
                 };
             let reconnoitred = prepared.reconnoitred();
-            let grant = self.acquire(prepared.lock_set(), out).await?;
+            let grant = self
+                .acquire(
+                    prepared.lock_set(),
+                    module.len() + procedure.len() + args.len(),
+                    out,
+                )
+                .await?;
             let response = match prepared.execute(&self.store, args, grant.position()) {
                 Ok(output) => Response::Output(Cow::Owned(output)),
                 // The state moved between reconnaissance and execution: a deterministic
@@ -462,6 +484,30 @@ fn overloaded_error(overloaded: Overloaded) -> ErrorResponse {
             overloaded.limit
         ),
     )
+}
+
+/// The size of what a request puts in the order (keys, values, arguments): what the
+/// sequencer's byte cap counts.
+fn input_bytes(request: &Request<'_>) -> usize {
+    match request {
+        Request::Get { key } | Request::Delete { key } => key.len(),
+        Request::Put { key, value } => key.len() + value.len(),
+        Request::Call {
+            module,
+            procedure,
+            args,
+            ..
+        } => module.len() + procedure.len() + args.len(),
+        Request::Batch { ops } => ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put { key, value } => key.len() + value.len(),
+                BatchOp::Delete { key } => key.len(),
+            })
+            .sum(),
+        Request::Deploy { name, module } => name.len() + module.len(),
+        _ => 0,
+    }
 }
 
 fn request_kind(request: &Request<'_>) -> &'static str {

@@ -78,6 +78,19 @@ impl CommitPlan {
         )
     }
 
+    /// The size of the commit's ordered input (keys read, keys and values written).
+    pub fn input_bytes(&self) -> usize {
+        self.reads
+            .iter()
+            .map(|(key, _)| key.len() + 8)
+            .sum::<usize>()
+            + self
+                .writes
+                .iter()
+                .map(|(key, value)| key.len() + value.as_ref().map_or(0, Bytes::len))
+                .sum::<usize>()
+    }
+
     /// With the commit's locks held: the first key read whose version moved since the
     /// snapshot, as a `CONFLICT` error, if there is one.
     pub fn validate(&self, store: &Store) -> Result<(), ErrorResponse> {

@@ -10,6 +10,7 @@
 //! - `network`: QUIC endpoint, connections, one task per request stream, framing;
 //! - [`admission`]: the checks a request passes before it touches state (limits today);
 //! - [`executor`]: runs admitted requests as transactions and encodes responses;
+//! - [`sequencer`]: adaptive batches of transactions, each ordered in one step;
 //! - [`scheduler`] and [`lock_manager`]: a position in one total order per transaction, and
 //!   deterministic first-come-first-served key locks in that order;
 //! - [`transaction`]: the write buffer of a multi-key transaction;
@@ -34,6 +35,7 @@ pub(crate) mod network;
 pub mod procedures;
 pub mod runtime;
 pub mod scheduler;
+pub mod sequencer;
 pub mod server;
 pub mod store;
 pub mod transaction;

@@ -3,7 +3,9 @@
 //!
 //! Every request that touches state goes through here: single-key reads and writes as
 //! one-key transactions, procedure calls with their declared key set (or everything).
-//! Positions are handed out under one short mutex together with the lock request, so
+//! Transactions are first queued for the [`crate::sequencer`], which hands them on in
+//! adaptive batches; each batch gets its positions and requests its locks under one
+//! acquisition of the scheduler's mutex, so
 //! requesting locks in position order — what makes the locking deadlock-free and the
 //! outcome equal to running the transactions one by one in that order — holds by
 //! construction. A [`Grant`] releases the locks when dropped; a transaction abandoned while
@@ -16,16 +18,18 @@
 //! before `S`. A snapshot takes no position and no lock: later transactions run on, and
 //! their writes, at positions `>= S`, are invisible to it.
 //!
-//! (The sequencer and command log will take over handing out positions; this module then
-//! consumes their order instead of making one.)
+//! (The command log will record each batch as the leader hands it on, before it is
+//! ordered.)
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::lock_manager::{LockManager, LockSet, Position};
+use crate::sequencer::Batcher;
 use crate::store::{NO_SNAPSHOT, SnapshotFloor};
 
 /// Default limit on transactions ordered and not finished (running or waiting for locks).
@@ -35,7 +39,11 @@ pub const DEFAULT_MAX_PENDING_TRANSACTIONS: usize = 100_000;
 
 /// Orders transactions and grants their locks.
 pub struct Scheduler {
+    /// Transactions waiting to be sequenced (see [`crate::sequencer`]).
+    queue: Mutex<Batcher<Queued>>,
     state: Mutex<State>,
+    /// Transactions ordered and not finished.
+    unfinished: AtomicUsize,
     max_pending: usize,
     floor: SnapshotFloor,
 }
@@ -47,18 +55,50 @@ pub struct Overloaded {
     pub limit: usize,
 }
 
+/// A transaction waiting to be sequenced: its locks, and where to send its position once
+/// it holds them all.
+struct Queued {
+    locks: LockSet,
+    granted: oneshot::Sender<Position>,
+}
+
 #[derive(Default)]
 struct State {
     locks: LockManager,
     next: Position,
     /// Transactions waiting for their locks, and how to wake each.
-    waiting: HashMap<Position, oneshot::Sender<()>>,
-    /// Transactions that went away while waiting: released as soon as they are granted.
-    abandoned: HashSet<Position>,
+    waiting: HashMap<Position, oneshot::Sender<Position>>,
     /// Open snapshots: position → how many are open there.
     snapshots: BTreeMap<Position, usize>,
     /// Snapshots waiting for every transaction before their position to finish.
     snapshot_waiters: Vec<(Position, oneshot::Sender<()>)>,
+}
+
+/// A transaction submitted and not yet granted. If it is dropped (its request went away),
+/// the transaction is released as soon as it is granted, so it blocks nobody.
+struct PendingGrant {
+    scheduler: Arc<Scheduler>,
+    granted: oneshot::Receiver<Position>,
+}
+
+impl PendingGrant {
+    fn grant(&self, position: Position) -> Grant {
+        Grant {
+            scheduler: self.scheduler.clone(),
+            position,
+        }
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        // After `close`, a grant not yet sent fails to send and the sender releases it; a
+        // grant already sent is received here and released.
+        self.granted.close();
+        if let Ok(position) = self.granted.try_recv() {
+            self.scheduler.finish(position);
+        }
+    }
 }
 
 /// An open snapshot: reads at [`Snapshot::position`] see every transaction before it and
@@ -120,7 +160,9 @@ impl Scheduler {
     /// keeps `floor` at its lowest open snapshot.
     pub fn with_limit(max_pending: usize, floor: SnapshotFloor) -> Arc<Scheduler> {
         Arc::new(Scheduler {
+            queue: Mutex::new(Batcher::new(max_pending)),
             state: Mutex::new(State::default()),
+            unfinished: AtomicUsize::new(0),
             max_pending,
             floor,
         })
@@ -193,13 +235,21 @@ impl Scheduler {
     /// Orders a transaction that needs `locks` and waits until it holds them all; refuses
     /// it, unordered, if the scheduler is at its limit.
     pub async fn acquire(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
-        let (grant, waiting) = self.enqueue(locks)?;
-        if let Some(granted) = waiting {
-            // The sender is only dropped after sending or when the scheduler is dropped,
-            // which cannot happen while this `Arc` is alive.
-            let _ = granted.await;
-        }
-        Ok(grant)
+        self.acquire_sized(locks, 0).await
+    }
+
+    /// [`Scheduler::acquire`] for a transaction whose ordered input is `input_bytes` long
+    /// (what the sequencer's byte cap counts).
+    pub async fn acquire_sized(
+        self: &Arc<Self>,
+        locks: LockSet,
+        input_bytes: usize,
+    ) -> Result<Grant, Overloaded> {
+        let mut pending = self.submit(locks, input_bytes)?;
+        let position = (&mut pending.granted)
+            .await
+            .expect("a queued or waiting transaction is always granted");
+        Ok(pending.grant(position))
     }
 
     /// [`Scheduler::acquire`] for threads outside an async runtime (tests, benchmarks).
@@ -207,59 +257,95 @@ impl Scheduler {
     /// # Panics
     /// If called from within an async runtime.
     pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
-        let (grant, waiting) = self.enqueue(locks)?;
-        if let Some(granted) = waiting {
-            let _ = granted.blocking_recv();
-        }
-        Ok(grant)
+        let mut pending = self.submit(locks, 0)?;
+        // Blocking cannot be cancelled, so the receiver may leave the guard.
+        let granted = std::mem::replace(&mut pending.granted, oneshot::channel().1);
+        let position = granted
+            .blocking_recv()
+            .expect("a queued or waiting transaction is always granted");
+        Ok(pending.grant(position))
     }
 
-    /// Transactions ordered and not finished.
+    /// Transactions submitted and not finished (queued, waiting or running).
     pub fn in_progress(&self) -> usize {
-        self.state.lock().locks.len()
+        self.queue.lock().len() + self.unfinished.load(Ordering::SeqCst)
     }
 
-    fn enqueue(
+    /// Queues a transaction for sequencing (leading the sequencing if nobody is).
+    fn submit(
         self: &Arc<Self>,
         locks: LockSet,
-    ) -> Result<(Grant, Option<oneshot::Receiver<()>>), Overloaded> {
-        let mut state = self.state.lock();
-        if state.locks.len() >= self.max_pending {
-            return Err(Overloaded {
-                limit: self.max_pending,
-            });
-        }
-        let position = state.next;
-        state.next += 1;
-        let waiting = if state.locks.request(position, locks) {
-            None
-        } else {
-            let (wake, granted) = oneshot::channel();
-            state.waiting.insert(position, wake);
-            Some(granted)
+        input_bytes: usize,
+    ) -> Result<PendingGrant, Overloaded> {
+        let (granted, receiver) = oneshot::channel();
+        let overloaded = Overloaded {
+            limit: self.max_pending,
         };
-        Ok((
-            Grant {
-                scheduler: self.clone(),
-                position,
-            },
-            waiting,
-        ))
+        let lead = {
+            let mut queue = self.queue.lock();
+            if queue.len() + self.unfinished.load(Ordering::SeqCst) >= self.max_pending {
+                return Err(overloaded);
+            }
+            queue
+                .push(Queued { locks, granted }, input_bytes)
+                .map_err(|_| overloaded)?
+        };
+        let pending = PendingGrant {
+            scheduler: self.clone(),
+            granted: receiver,
+        };
+        if lead {
+            self.sequence();
+        }
+        Ok(pending)
+    }
+
+    /// The leader's loop: hands batches on until the queue is empty. (The command log will
+    /// append each batch here, before it is ordered.)
+    fn sequence(&self) {
+        loop {
+            let Some(batch) = self.queue.lock().next_batch() else {
+                return;
+            };
+            self.order(batch);
+        }
+    }
+
+    /// Gives each transaction of `batch` its position and requests its locks, in order,
+    /// under one acquisition of the mutex; wakes those granted at once.
+    fn order(&self, batch: Vec<Queued>) {
+        let mut abandoned = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for Queued { locks, granted } in batch {
+                let position = state.next;
+                state.next += 1;
+                self.unfinished.fetch_add(1, Ordering::SeqCst);
+                if !state.locks.request(position, locks) {
+                    state.waiting.insert(position, granted);
+                } else if granted.send(position).is_err() {
+                    abandoned.push(position);
+                }
+            }
+        }
+        for position in abandoned {
+            self.finish(position);
+        }
     }
 
     fn finish(&self, position: Position) {
         let mut state = self.state.lock();
-        if state.waiting.remove(&position).is_some() {
-            state.abandoned.insert(position);
-            return;
-        }
         let mut finished = vec![position];
         while let Some(position) = finished.pop() {
+            self.unfinished.fetch_sub(1, Ordering::SeqCst);
             for runnable in state.locks.release(position) {
-                if state.abandoned.remove(&runnable) {
+                let wake = state
+                    .waiting
+                    .remove(&runnable)
+                    .expect("a transaction not yet runnable is waiting");
+                if wake.send(runnable).is_err() {
+                    // Its request went away while it waited: release it now.
                     finished.push(runnable);
-                } else if let Some(wake) = state.waiting.remove(&runnable) {
-                    let _ = wake.send(());
                 }
             }
         }
