@@ -74,6 +74,12 @@ struct State {
     snapshot_waiters: Vec<(Position, oneshot::Sender<()>)>,
 }
 
+/// What submitting a transaction gave: its locks, or a wait for them.
+enum Submitted {
+    Granted(Grant),
+    Pending(PendingGrant),
+}
+
 /// A transaction submitted and not yet granted. If it is dropped (its request went away),
 /// the transaction is released as soon as it is granted, so it blocks nobody.
 struct PendingGrant {
@@ -245,7 +251,10 @@ impl Scheduler {
         locks: LockSet,
         input_bytes: usize,
     ) -> Result<Grant, Overloaded> {
-        let mut pending = self.submit(locks, input_bytes)?;
+        let mut pending = match self.submit(locks, input_bytes)? {
+            Submitted::Granted(grant) => return Ok(grant),
+            Submitted::Pending(pending) => pending,
+        };
         let position = (&mut pending.granted)
             .await
             .expect("a queued or waiting transaction is always granted");
@@ -257,7 +266,10 @@ impl Scheduler {
     /// # Panics
     /// If called from within an async runtime.
     pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
-        let mut pending = self.submit(locks, 0)?;
+        let mut pending = match self.submit(locks, 0)? {
+            Submitted::Granted(grant) => return Ok(grant),
+            Submitted::Pending(pending) => pending,
+        };
         // Blocking cannot be cancelled, so the receiver may leave the guard.
         let granted = std::mem::replace(&mut pending.granted, oneshot::channel().1);
         let position = granted
@@ -268,28 +280,34 @@ impl Scheduler {
 
     /// Transactions submitted and not finished (queued, waiting or running).
     pub fn in_progress(&self) -> usize {
-        self.queue.lock().len() + self.unfinished.load(Ordering::SeqCst)
+        self.queue.lock().len() + self.unfinished.load(Ordering::Relaxed)
     }
 
-    /// Queues a transaction for sequencing (leading the sequencing if nobody is).
+    /// Sequences a transaction: alone and at once if the sequencer is idle (then it also
+    /// hands on whatever others queued meanwhile), else queued for the active leader.
     fn submit(
         self: &Arc<Self>,
         locks: LockSet,
         input_bytes: usize,
-    ) -> Result<PendingGrant, Overloaded> {
-        let (granted, receiver) = oneshot::channel();
+    ) -> Result<Submitted, Overloaded> {
         let overloaded = Overloaded {
             limit: self.max_pending,
         };
-        let lead = {
-            let mut queue = self.queue.lock();
-            if queue.len() + self.unfinished.load(Ordering::SeqCst) >= self.max_pending {
-                return Err(overloaded);
-            }
-            queue
-                .push(Queued { locks, granted }, input_bytes)
-                .map_err(|_| overloaded)?
-        };
+        let mut queue = self.queue.lock();
+        if queue.len() + self.unfinished.load(Ordering::Relaxed) >= self.max_pending {
+            return Err(overloaded);
+        }
+        if queue.lead_alone() {
+            drop(queue);
+            let submitted = self.order_alone(locks);
+            self.sequence();
+            return Ok(submitted);
+        }
+        let (granted, receiver) = oneshot::channel();
+        let lead = queue
+            .push(Queued { locks, granted }, input_bytes)
+            .map_err(|_| overloaded)?;
+        drop(queue);
         let pending = PendingGrant {
             scheduler: self.clone(),
             granted: receiver,
@@ -297,7 +315,27 @@ impl Scheduler {
         if lead {
             self.sequence();
         }
-        Ok(pending)
+        Ok(Submitted::Pending(pending))
+    }
+
+    /// The leader's own transaction, a batch of one: granted now, or waiting.
+    fn order_alone(self: &Arc<Self>, locks: LockSet) -> Submitted {
+        let mut state = self.state.lock();
+        let position = state.next;
+        state.next += 1;
+        self.unfinished.fetch_add(1, Ordering::Relaxed);
+        if state.locks.request(position, locks) {
+            return Submitted::Granted(Grant {
+                scheduler: self.clone(),
+                position,
+            });
+        }
+        let (granted, receiver) = oneshot::channel();
+        state.waiting.insert(position, granted);
+        Submitted::Pending(PendingGrant {
+            scheduler: self.clone(),
+            granted: receiver,
+        })
     }
 
     /// The leader's loop: hands batches on until the queue is empty. (The command log will
@@ -320,7 +358,7 @@ impl Scheduler {
             for Queued { locks, granted } in batch {
                 let position = state.next;
                 state.next += 1;
-                self.unfinished.fetch_add(1, Ordering::SeqCst);
+                self.unfinished.fetch_add(1, Ordering::Relaxed);
                 if !state.locks.request(position, locks) {
                     state.waiting.insert(position, granted);
                 } else if granted.send(position).is_err() {
@@ -337,7 +375,7 @@ impl Scheduler {
         let mut state = self.state.lock();
         let mut finished = vec![position];
         while let Some(position) = finished.pop() {
-            self.unfinished.fetch_sub(1, Ordering::SeqCst);
+            self.unfinished.fetch_sub(1, Ordering::Relaxed);
             for runnable in state.locks.release(position) {
                 let wake = state
                     .waiting

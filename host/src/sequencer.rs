@@ -58,6 +58,21 @@ impl<T> Batcher<T> {
         self.queue.is_empty()
     }
 
+    /// If no leader is active, makes the caller the leader with a batch of one, its own
+    /// transaction (not queued: it hands it on directly, then calls
+    /// [`Batcher::next_batch`] until it returns `None`). The fast path at low load.
+    pub fn lead_alone(&mut self) -> bool {
+        if self.sequencing {
+            return false;
+        }
+        debug_assert!(
+            self.queue.is_empty(),
+            "an idle sequencer has an empty queue"
+        );
+        self.sequencing = true;
+        true
+    }
+
     /// Enqueues `item` of `bytes` ordered input; returns whether the caller must now lead
     /// (call [`Batcher::next_batch`] until it returns `None`).
     pub fn push(&mut self, item: T, bytes: usize) -> Result<bool, QueueFull> {
@@ -106,6 +121,17 @@ mod tests {
         assert_eq!(batcher.next_batch(), Some(vec!["a"]));
         assert_eq!(batcher.next_batch(), None, "the leader's turn ends");
         assert_eq!(batcher.push("b", 10), Ok(true), "the next arrival leads");
+    }
+
+    #[test]
+    fn an_idle_sequencer_lets_a_transaction_lead_alone_and_queues_the_rest() {
+        let mut batcher = Batcher::new(10);
+        assert!(batcher.lead_alone());
+        assert!(!batcher.lead_alone(), "one leader at a time");
+        assert_eq!(batcher.push("b", 0), Ok(false), "queued for the leader");
+        assert_eq!(batcher.next_batch(), Some(vec!["b"]));
+        assert_eq!(batcher.next_batch(), None);
+        assert!(batcher.lead_alone(), "idle again");
     }
 
     #[test]
