@@ -540,4 +540,56 @@ mod tests {
         drop(dropped);
         assert_eq!(floor.get(), NO_SNAPSHOT, "dropping closes it too");
     }
+
+    #[test]
+    fn under_concurrent_submission_every_transaction_is_ordered_once_and_exclusive() {
+        use std::sync::atomic::AtomicBool;
+        const THREADS: u64 = 4;
+        const PER_THREAD: u64 = 2_000;
+        const KEYS: u64 = 8;
+        let scheduler = Scheduler::new();
+        let held: Arc<Vec<AtomicBool>> =
+            Arc::new((0..KEYS).map(|_| AtomicBool::new(false)).collect());
+        let positions: Vec<Vec<Position>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|thread| {
+                    let (scheduler, held) = (scheduler.clone(), held.clone());
+                    scope.spawn(move || {
+                        let mut positions = Vec::new();
+                        for i in 0..PER_THREAD {
+                            let a = (thread * 7 + i * 3) % KEYS;
+                            let b = (a + 1 + i % (KEYS - 1)) % KEYS;
+                            let keys = [a, b];
+                            let grant = scheduler
+                                .acquire_blocking(LockSet::Keys(
+                                    keys.iter().map(|key| (*key, Mode::Exclusive)).collect(),
+                                ))
+                                .unwrap();
+                            for key in keys {
+                                assert!(
+                                    !held[key as usize].swap(true, Ordering::SeqCst),
+                                    "key {key} granted to two transactions at once"
+                                );
+                            }
+                            for key in keys {
+                                held[key as usize].store(false, Ordering::SeqCst);
+                            }
+                            positions.push(grant.position());
+                        }
+                        positions
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap())
+                .collect()
+        });
+        let mut all: Vec<Position> = positions.into_iter().flatten().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len() as u64, THREADS * PER_THREAD, "one position each");
+        assert_eq!(*all.last().unwrap(), THREADS * PER_THREAD - 1, "no gaps");
+        assert_eq!(scheduler.in_progress(), 0);
+    }
 }
