@@ -1,8 +1,8 @@
 //! In-process benchmark of the procedure call path, without the network: bank transfers
 //! between random accounts through the real wasm runtime, the scheduler's key locks and the
-//! transaction, with 1 and 2 threads, uniform and with a hot account. Each thread keeps
-//! several calls in flight on its own async runtime, as the server's workers do, so a call
-//! waiting for a lock never idles a core.
+//! transaction, with 1 and 2 threads, uniform and with a hot account. The threads are the
+//! workers of one multi-threaded Tokio runtime, as in the server, each keeping several calls
+//! in flight, so a call waiting for a lock never idles a core.
 //!
 //! Run: `scripts/build-procedures && cargo bench -p transdb-host --bench procedure_calls`
 //! (options after `--`: `--seconds N`, `--accounts N`, `--shards N`; default one shard per

@@ -1,6 +1,7 @@
-//! What the benchmarks share: a cheap random generator and a driver that runs, on each of
-//! `threads` threads, `tasks` async tasks on a local runtime until a deadline — as the
-//! server's workers do, a task waiting for a lock yields and another runs.
+//! What the benchmarks share: a cheap random generator and a driver that runs `tasks` async
+//! tasks per thread on a multi-threaded Tokio runtime of `threads` workers until a deadline
+//! — the server's own set-up: a task waiting for a lock yields and another runs, and a task
+//! woken by another task's release runs next on the waker's worker.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -16,39 +17,28 @@ pub fn random_generator(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
-/// Runs `task(seed, deadline)` as `tasks` local async tasks on each of `threads` threads and
-/// returns the operations they report, per second.
+/// Runs `threads × tasks` copies of `task(seed, deadline)` on a runtime of `threads` workers
+/// and returns the operations they report, per second.
 pub fn run_tasks<F, T>(threads: usize, tasks: usize, duration: Duration, task: F) -> f64
 where
     F: Fn(u64, Instant) -> T + Clone + Send + 'static,
-    T: Future<Output = u64> + 'static,
+    T: Future<Output = u64> + Send + 'static,
 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .build()
+        .unwrap();
     let start = Instant::now();
     let deadline = start + duration;
-    let handles: Vec<_> = (0..threads)
-        .map(|thread| {
-            let task = task.clone();
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .unwrap();
-                let local = tokio::task::LocalSet::new();
-                let handles: Vec<_> = (0..tasks)
-                    .map(|index| local.spawn_local(task((thread * tasks + index) as u64, deadline)))
-                    .collect();
-                runtime.block_on(local.run_until(async move {
-                    let mut total = 0;
-                    for handle in handles {
-                        total += handle.await.unwrap();
-                    }
-                    total
-                }))
-            })
-        })
-        .collect();
-    let total: u64 = handles
-        .into_iter()
-        .map(|handle| handle.join().unwrap())
-        .sum();
+    let total: u64 = runtime.block_on(async move {
+        let handles: Vec<_> = (0..threads * tasks)
+            .map(|index| tokio::spawn(task(index as u64, deadline)))
+            .collect();
+        let mut total = 0;
+        for handle in handles {
+            total += handle.await.unwrap();
+        }
+        total
+    });
     total as f64 / start.elapsed().as_secs_f64()
 }
