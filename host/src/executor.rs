@@ -367,9 +367,10 @@ impl Executor {
         let Some(grant) = self.acquire(plan.lock_set(), plan.input_bytes(), out).await else {
             return;
         };
+        let recorded = self.history.as_ref().map(|_| plan.clone());
         let response = match plan.validate(&self.store) {
             Err(conflict) => Response::Error(conflict),
-            Ok(()) => match self.store.apply(plan.writes.clone(), grant.position()) {
+            Ok(()) => match self.store.apply(plan.writes, grant.position()) {
                 Ok(()) => Response::Committed {
                     position: grant.position(),
                 },
@@ -380,7 +381,7 @@ impl Executor {
             },
         };
         encode(&response, out);
-        if let Some(history) = &self.history {
+        if let (Some(history), Some(plan)) = (&self.history, recorded) {
             history.lock().push(Recorded {
                 position: grant.position(),
                 command: Command::Commit(plan),
