@@ -341,7 +341,7 @@ impl Executor {
                 ErrorCode::TRANSACTION_OPEN,
                 format!(
                     "this stream has an open transaction, so it cannot run {:?}: only Get, Put, Delete, Commit, Rollback and Ping until the transaction ends",
-                    request_kind(&other)
+                    other.kind()
                 ),
             )),
         };
@@ -508,23 +508,6 @@ fn input_bytes(request: &Request<'_>) -> usize {
             .sum(),
         Request::Deploy { name, module } => name.len() + module.len(),
         _ => 0,
-    }
-}
-
-fn request_kind(request: &Request<'_>) -> &'static str {
-    match request {
-        Request::Ping => "Ping",
-        Request::Get { .. } => "Get",
-        Request::Put { .. } => "Put",
-        Request::Delete { .. } => "Delete",
-        Request::Deploy { .. } => "Deploy",
-        Request::Call { .. } => "Call",
-        Request::ListModules => "ListModules",
-        Request::Stats => "Stats",
-        Request::Batch { .. } => "Batch",
-        Request::Begin => "Begin",
-        Request::Commit => "Commit",
-        Request::Rollback => "Rollback",
     }
 }
 

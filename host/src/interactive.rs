@@ -121,6 +121,8 @@ pub struct Interactive {
     writes: HashMap<String, Option<Bytes>>,
     /// Bytes of the keys and values in `writes`.
     write_bytes: usize,
+    /// Distinct keys in `reads` and `writes` together.
+    distinct_keys: usize,
 }
 
 impl Interactive {
@@ -133,6 +135,7 @@ impl Interactive {
             reads: HashMap::new(),
             writes: HashMap::new(),
             write_bytes: 0,
+            distinct_keys: 0,
         }
     }
 
@@ -141,18 +144,17 @@ impl Interactive {
         self.snapshot.as_ref().expect("open").position()
     }
 
-    fn admit_key(&self, key: &str) -> Result<(), ErrorResponse> {
+    /// Checks `key` and counts it if it is new to the transaction (the caller then records
+    /// it in `reads` or `writes`).
+    fn admit_key(&mut self, key: &str) -> Result<(), ErrorResponse> {
         limits::check_key(key)?;
-        let known = self.reads.contains_key(key) || self.writes.contains_key(key);
-        let distinct = self.reads.len()
-            + self
-                .writes
-                .keys()
-                .filter(|key| !self.reads.contains_key(*key))
-                .count();
-        if !known && distinct >= self.limits.max_keys {
+        if self.reads.contains_key(key) || self.writes.contains_key(key) {
+            return Ok(());
+        }
+        if self.distinct_keys >= self.limits.max_keys {
             return Err(too_many_keys(self.limits.max_keys));
         }
+        self.distinct_keys += 1;
         Ok(())
     }
 

@@ -177,7 +177,7 @@ impl Scheduler {
     /// Opens a snapshot at the current end of the order and waits until every transaction
     /// ordered before it has finished.
     pub async fn snapshot(self: &Arc<Self>) -> Snapshot {
-        let waiting = {
+        let (snapshot, finished) = {
             let mut state = self.state.lock();
             let position = state.next;
             *state.snapshots.entry(position).or_default() += 1;
@@ -196,7 +196,6 @@ impl Scheduler {
             state.snapshot_waiters.push((position, wake));
             (snapshot, finished)
         };
-        let (snapshot, finished) = waiting;
         let _ = finished.await;
         snapshot
     }
@@ -303,28 +302,23 @@ impl Scheduler {
             self.sequence();
             return Ok(submitted);
         }
+        // A leader is active (`lead_alone` said so): it will hand this one on.
         let (granted, receiver) = oneshot::channel();
         let lead = queue
             .push(Queued { locks, granted }, input_bytes)
             .map_err(|_| overloaded)?;
-        drop(queue);
-        let pending = PendingGrant {
+        debug_assert!(!lead, "the active leader sequences the queue");
+        Ok(Submitted::Pending(PendingGrant {
             scheduler: self.clone(),
             granted: receiver,
-        };
-        if lead {
-            self.sequence();
-        }
-        Ok(Submitted::Pending(pending))
+        }))
     }
 
     /// The leader's own transaction, a batch of one: granted now, or waiting.
     fn order_alone(self: &Arc<Self>, locks: LockSet) -> Submitted {
         let mut state = self.state.lock();
-        let position = state.next;
-        state.next += 1;
-        self.unfinished.fetch_add(1, Ordering::Relaxed);
-        if state.locks.request(position, locks) {
+        let (position, granted_now) = self.place(&mut state, locks);
+        if granted_now {
             return Submitted::Granted(Grant {
                 scheduler: self.clone(),
                 position,
@@ -356,10 +350,8 @@ impl Scheduler {
         {
             let mut state = self.state.lock();
             for Queued { locks, granted } in batch {
-                let position = state.next;
-                state.next += 1;
-                self.unfinished.fetch_add(1, Ordering::Relaxed);
-                if !state.locks.request(position, locks) {
+                let (position, granted_now) = self.place(&mut state, locks);
+                if !granted_now {
                     state.waiting.insert(position, granted);
                 } else if granted.send(position).is_err() {
                     abandoned.push(position);
@@ -369,6 +361,15 @@ impl Scheduler {
         for position in abandoned {
             self.finish(position);
         }
+    }
+
+    /// Gives the next position to a transaction needing `locks` and requests them; returns
+    /// the position and whether they were all granted at once.
+    fn place(&self, state: &mut State, locks: LockSet) -> (Position, bool) {
+        let position = state.next;
+        state.next += 1;
+        self.unfinished.fetch_add(1, Ordering::Relaxed);
+        (position, state.locks.request(position, locks))
     }
 
     fn finish(&self, position: Position) {

@@ -236,6 +236,24 @@ pub struct ShardStats {
 }
 
 impl Request<'_> {
+    /// The variant's name, for messages (never print a request: it may carry megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ping => "Ping",
+            Request::Get { .. } => "Get",
+            Request::Put { .. } => "Put",
+            Request::Delete { .. } => "Delete",
+            Request::Deploy { .. } => "Deploy",
+            Request::Call { .. } => "Call",
+            Request::ListModules => "ListModules",
+            Request::Stats => "Stats",
+            Request::Batch { .. } => "Batch",
+            Request::Begin => "Begin",
+            Request::Commit => "Commit",
+            Request::Rollback => "Rollback",
+        }
+    }
+
     /// The same request, owning its data.
     pub fn into_owned(self) -> Request<'static> {
         match self {
