@@ -16,7 +16,11 @@ pub fn admit(request: &Request<'_>) -> Result<(), ErrorResponse> {
             limits::check_value(value)
         }
         // Names and module contents are checked by the registry, which knows the limits.
-        Request::Deploy { .. } | Request::ListModules | Request::Stats => Ok(()),
+        Request::Deploy { .. }
+        | Request::ListModules
+        | Request::Stats
+        | Request::Checkpoint
+        | Request::Backup { .. } => Ok(()),
         Request::Batch { ops } => limits::check_batch(ops),
         Request::Call { args, .. } => limits::check_value(args).map_err(|mut error| {
             error.message = error.message.replace("value", "arguments");

@@ -18,6 +18,7 @@ use crate::config::{
     DEFAULT_MAX_STREAMS_PER_CONNECTION, ServerConfig,
 };
 use crate::identity::CERTIFICATE_FILE;
+use crate::log::Durability;
 use crate::procedures;
 use crate::runtime::{self, RuntimeLimits};
 use crate::server::Server;
@@ -93,6 +94,37 @@ pub enum Command {
         #[arg(required = true, num_args = 1.., value_name = "OP")]
         ops: Vec<String>,
     },
+    /// Make the server write a checkpoint now (without stopping traffic) and drop the log
+    /// it covers.
+    Checkpoint,
+    /// Make the server write a consistent copy of its state into DIR, a new or empty
+    /// directory on the server's machine; `transdb restore` starts a data directory from it.
+    Backup {
+        /// The directory, as the server's machine names it (an absolute path is safest).
+        dir: String,
+    },
+    /// Offline: make a new data directory from a backup (then `transdb serve --data-dir`).
+    Restore {
+        /// The directory `transdb backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create; it must hold no database yet.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+/// `--durability` of `transdb serve`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurabilityArg {
+    /// A reply waits until its transaction is fsynced (group commit): a crash loses nothing
+    /// acknowledged.
+    Sync,
+    /// Replies do not wait; the log is fsynced every --fsync-interval-ms: a machine crash
+    /// may lose that much.
+    Async,
+    /// Memory only: a restart starts empty.
+    None,
 }
 
 /// Options of `transdb serve`.
@@ -101,9 +133,28 @@ pub struct ServeArgs {
     /// UDP address to listen on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Directory for the server's files (certificate, key, and later its log).
+    /// Directory for the server's files: certificate, key, command log, checkpoints, modules.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// What a reply promises about a crash (see the README).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
+    pub durability: DurabilityArg,
+    /// With --durability async: milliseconds between fsyncs of the log.
+    #[arg(long, default_value_t = crate::log::DEFAULT_FSYNC_INTERVAL.as_millis() as u64)]
+    pub fsync_interval_ms: u64,
+    /// Seconds between periodic checkpoints (if anything was logged meanwhile); 0: none on a timer.
+    #[arg(long, default_value_t = crate::durability::DEFAULT_CHECKPOINT_INTERVAL.as_secs())]
+    pub checkpoint_interval_secs: u64,
+    /// Write a checkpoint once the log has grown by this many bytes; 0: none on size.
+    #[arg(long, default_value_t = crate::durability::DEFAULT_CHECKPOINT_LOG_BYTES)]
+    pub checkpoint_log_bytes: u64,
+    /// Size in bytes at which the log starts a new segment file.
+    #[arg(long, default_value_t = crate::log::DEFAULT_SEGMENT_BYTES)]
+    pub log_segment_bytes: u64,
+    /// Move log segments that a checkpoint covers here instead of deleting them (an archive
+    /// for audit or point-in-time replay).
+    #[arg(long, value_name = "DIR")]
+    pub log_archive: Option<PathBuf>,
     /// Number of shards [default: one per core].
     #[arg(long)]
     pub shards: Option<usize>,
@@ -176,6 +227,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Restore {
+            ref from,
+            ref data_dir,
+        } => restore(from, data_dir),
         ref command => run_client(&cli, command),
     };
     match outcome {
@@ -204,6 +259,17 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.max_pending_transactions = args.max_pending_transactions;
     config.transaction_idle_timeout = Duration::from_millis(args.transaction_idle_timeout_ms);
     config.max_transaction_bytes = args.max_transaction_bytes;
+    config.durability = match args.durability {
+        DurabilityArg::Sync => Durability::Sync,
+        DurabilityArg::Async => Durability::Async {
+            interval: Duration::from_millis(args.fsync_interval_ms.max(1)),
+        },
+        DurabilityArg::None => Durability::None,
+    };
+    config.checkpoint_interval = Duration::from_secs(args.checkpoint_interval_secs);
+    config.checkpoint_log_bytes = args.checkpoint_log_bytes;
+    config.log_segment_bytes = args.log_segment_bytes;
+    config.log_archive = args.log_archive;
     config.runtime = RuntimeLimits {
         fuel_per_call: args.fuel_per_call,
         memory_bytes: args.max_memory_bytes,
@@ -241,6 +307,21 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         println!("transdb stopped ({} requests abandoned)", report.abandoned);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn restore(from: &std::path::Path, data_dir: &std::path::Path) -> Result<ExitCode> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let _lock = crate::server::lock_data_dir(data_dir)?;
+    let info = crate::durability::restore(from, data_dir)?;
+    println!(
+        "restored {} keys at position {} into {}; start it with `transdb serve --data-dir {}`",
+        info.keys,
+        info.position,
+        data_dir.display(),
+        data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(level: Option<&str>) -> Result<()> {
@@ -409,7 +490,23 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 println!("shard {index}: {} keys, {} bytes", shard.keys, shard.bytes);
             }
         }
-        Command::Serve(_) => unreachable!("serve is handled by the caller"),
+        Command::Checkpoint => {
+            let info = client.checkpoint().await?;
+            println!(
+                "checkpoint at position {}: {} keys, {} bytes, {}",
+                info.position, info.keys, info.bytes, info.path
+            );
+        }
+        Command::Backup { dir } => {
+            let info = client.backup(dir).await?;
+            println!(
+                "backup at position {}: {} keys, {} bytes, {}",
+                info.position, info.keys, info.bytes, info.path
+            );
+        }
+        Command::Serve(_) | Command::Restore { .. } => {
+            unreachable!("serve and restore are handled by the caller")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::log::Durability;
 use crate::runtime::RuntimeLimits;
 
 /// Default listen address.
@@ -61,6 +62,17 @@ pub struct ServerConfig {
     pub transaction_idle_timeout: Duration,
     /// Bytes of writes an interactive transaction may buffer.
     pub max_transaction_bytes: usize,
+    /// What a reply promises about a crash: the command log's mode.
+    pub durability: Durability,
+    /// A new log segment is started past this size.
+    pub log_segment_bytes: u64,
+    /// Log segments a checkpoint covers are moved here instead of removed.
+    pub log_archive: Option<PathBuf>,
+    /// A checkpoint is written this long after the last one, if anything was logged
+    /// meanwhile (zero: never on a timer).
+    pub checkpoint_interval: Duration,
+    /// A checkpoint is written once the log holds this many bytes (zero: never on size).
+    pub checkpoint_log_bytes: u64,
 }
 
 impl ServerConfig {
@@ -80,6 +92,11 @@ impl ServerConfig {
             max_pending_transactions: crate::scheduler::DEFAULT_MAX_PENDING_TRANSACTIONS,
             transaction_idle_timeout: crate::interactive::DEFAULT_TRANSACTION_IDLE_TIMEOUT,
             max_transaction_bytes: crate::interactive::DEFAULT_MAX_TRANSACTION_BYTES,
+            durability: Durability::Sync,
+            log_segment_bytes: crate::log::DEFAULT_SEGMENT_BYTES,
+            log_archive: None,
+            checkpoint_interval: crate::durability::DEFAULT_CHECKPOINT_INTERVAL,
+            checkpoint_log_bytes: crate::durability::DEFAULT_CHECKPOINT_LOG_BYTES,
         }
     }
 }

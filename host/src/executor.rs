@@ -13,16 +13,65 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use transdb_proto::message::{BatchOp, Encoding, ServerStats};
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
 
 use crate::admission;
+use crate::durability::Persistence;
 use crate::interactive::{CommitPlan, Interactive, InteractiveLimits};
 use crate::lock_manager::{LockSet, Mode, Position, lock_id};
+use crate::log::{LogFailed, Refusal};
 use crate::procedures::{MAX_RECONNAISSANCE_ATTEMPTS, Procedures, key_set_unstable};
-use crate::scheduler::{Grant, Overloaded, Scheduler};
+use crate::scheduler::{Grant, Refused, Scheduler};
 use crate::store::Store;
+
+/// What the command log records for one ordered transaction that can change state: its
+/// input, enough for a replay at the same position to do exactly what it did (see
+/// [`crate::log`]). Encoded with postcard; the variant order is part of the log format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogCommand<'a> {
+    /// A `Put`, `Delete` or `Batch`.
+    #[serde(borrow)]
+    Request(Request<'a>),
+    /// A procedure call.
+    Call {
+        /// The module's name.
+        #[serde(borrow)]
+        module: Cow<'a, str>,
+        /// The version (SHA-256) of the module it was prepared with: if another version is
+        /// deployed at its position, it does nothing (it was prepared again, later).
+        version: [u8; 32],
+        /// The procedure.
+        #[serde(borrow)]
+        procedure: Cow<'a, str>,
+        /// The arguments' encoding.
+        encoding: Encoding,
+        /// The arguments.
+        #[serde(borrow, with = "serde_bytes")]
+        args: Cow<'a, [u8]>,
+        /// The keys a reconnaissance run found (`true`: written), in key order; `None` when
+        /// the procedure's key function declares them (a replay runs it again).
+        keys: Option<Vec<(String, bool)>>,
+    },
+    /// An interactive transaction's commit.
+    Commit(CommitPlan),
+    /// A deploy: the module's bytes are in the module store under `version`.
+    Deploy {
+        /// The module's name.
+        name: String,
+        /// The SHA-256 of its bytes.
+        version: [u8; 32],
+    },
+}
+
+impl LogCommand<'_> {
+    /// The command encoded for the log.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("a command always encodes")
+    }
+}
 
 /// One transaction as it was ordered and answered (see [`Executor::with_history`]).
 #[derive(Clone, Debug)]
@@ -73,6 +122,8 @@ pub struct Executor {
     history: Option<Mutex<Vec<Recorded>>>,
     /// The bounds of interactive transactions.
     interactive_limits: InteractiveLimits,
+    /// The data directory's checkpoints and module store, unless `--durability none`.
+    persistence: Option<Persistence>,
 }
 
 impl Executor {
@@ -101,7 +152,20 @@ impl Executor {
             call_slots: Semaphore::new(slots),
             history: None,
             interactive_limits,
+            persistence: None,
         }
+    }
+
+    /// Stores deployed modules and checkpoints in `persistence` (the log itself is attached
+    /// to the scheduler after recovery).
+    pub fn with_persistence(mut self, persistence: Persistence) -> Executor {
+        self.persistence = Some(persistence);
+        self
+    }
+
+    /// The data directory's checkpoints and module store, if the server keeps any.
+    pub fn persistence(&self) -> Option<&Persistence> {
+        self.persistence.as_ref()
     }
 
     /// Bounds interactive transactions' buffered writes at `max_write_bytes`.
@@ -145,6 +209,80 @@ impl Executor {
         }
     }
 
+    /// Replays the logged command `payload` at `position` (recovery). Replay one command
+    /// at a time, in position order, before a log is attached.
+    ///
+    /// # Errors
+    /// If the command cannot be decoded, or a deployed module's bytes are missing from the
+    /// module store: the log cannot be replayed as it was written.
+    pub async fn replay_logged(&self, position: Position, payload: &[u8]) -> Result<(), String> {
+        let command: LogCommand<'_> = postcard::from_bytes(payload).map_err(|error| {
+            format!("the command logged at position {position} cannot be decoded ({error}): was it written by another version of TransDB?")
+        })?;
+        self.scheduler.advance_to(position);
+        let mut out = Vec::new();
+        match command {
+            LogCommand::Request(request) => self.execute(request, &mut out).await,
+            LogCommand::Commit(plan) => self.commit(plan, &mut out).await,
+            LogCommand::Call {
+                module,
+                version,
+                procedure,
+                encoding,
+                args,
+                keys,
+            } => {
+                // Another version at this position: the call was prepared again, later.
+                let Ok(deployed) = self.procedures.module(&module) else {
+                    return Ok(());
+                };
+                if deployed.digest() != version {
+                    return Ok(());
+                }
+                let given = keys.map(|keys| keys.into_iter().collect());
+                // Whatever failed before its position failed the same way then.
+                let Ok(prepared) = self.procedures.prepare_in(
+                    &deployed,
+                    &procedure,
+                    encoding,
+                    &args,
+                    &self.store,
+                    given,
+                ) else {
+                    return Ok(());
+                };
+                let grant = self
+                    .scheduler
+                    .acquire(prepared.lock_set())
+                    .await
+                    .map_err(|refused| format!("replay refused: {refused:?}"))?;
+                let _ = prepared.execute(&self.store, &args, grant.position());
+            }
+            LogCommand::Deploy { name, version } => {
+                let Some(persistence) = &self.persistence else {
+                    return Err("a deploy is logged but the server keeps no module store".into());
+                };
+                let bytes = persistence.modules.load(&version).map_err(|error| {
+                    format!("the module {name:?} deployed at position {position} is missing from the module store: {error}")
+                })?;
+                let procedures = self.procedures.clone();
+                let compiled =
+                    tokio::task::spawn_blocking(move || procedures.compile(&name, &bytes))
+                        .await
+                        .map_err(|panic| format!("compiling a logged module panicked: {panic}"))?;
+                let grant = self
+                    .scheduler
+                    .acquire(LockSet::All)
+                    .await
+                    .map_err(|refused| format!("replay refused: {refused:?}"))?;
+                if let Ok(compiled) = compiled {
+                    let _ = self.procedures.install(compiled, grant.position());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Admits and executes `request`, a request of the stream whose state is `session`,
     /// appending the response frame to `out`.
     pub async fn execute_in(&self, session: &mut Session, request: Request<'_>, out: &mut Vec<u8>) {
@@ -156,10 +294,22 @@ impl Executor {
         }
         let recorded = self.history.as_ref().map(|_| request.clone().into_owned());
         let input_bytes = input_bytes(&request);
+        let mut record = match &request {
+            Request::Put { .. } | Request::Delete { .. } | Request::Batch { .. }
+                if self.scheduler.logging() =>
+            {
+                Some(LogCommand::Request(request.clone()).encode())
+            }
+            _ => None,
+        };
         let start = out.len();
         let grant = match request {
             Request::Begin => {
                 let snapshot = self.scheduler.snapshot().await;
+                // What the snapshot shows must be durable before anything is read from it.
+                if let Err(failed) = self.durable(snapshot.position()).await {
+                    return encode(&Response::Error(durability_failed(&failed)), out);
+                }
                 let transaction =
                     Interactive::new(self.store.clone(), snapshot, self.interactive_limits);
                 encode(
@@ -186,7 +336,7 @@ impl Executor {
                 None
             }
             Request::Get { key } => match self
-                .acquire(one_key(&key, Mode::Shared), input_bytes, out)
+                .acquire(one_key(&key, Mode::Shared), input_bytes, None, out)
                 .await
             {
                 Some(grant) => {
@@ -198,7 +348,12 @@ impl Executor {
             },
             Request::Put { key, value } => {
                 match self
-                    .acquire(one_key(&key, Mode::Exclusive), input_bytes, out)
+                    .acquire(
+                        one_key(&key, Mode::Exclusive),
+                        input_bytes,
+                        record.take(),
+                        out,
+                    )
                     .await
                 {
                     Some(grant) => {
@@ -212,7 +367,12 @@ impl Executor {
             }
             Request::Delete { key } => {
                 match self
-                    .acquire(one_key(&key, Mode::Exclusive), input_bytes, out)
+                    .acquire(
+                        one_key(&key, Mode::Exclusive),
+                        input_bytes,
+                        record.take(),
+                        out,
+                    )
                     .await
                 {
                     Some(grant) => {
@@ -239,7 +399,7 @@ impl Executor {
                         .map(|op| (lock_id(op.key()), Mode::Exclusive))
                         .collect(),
                 );
-                match self.acquire(locks, input_bytes, out).await {
+                match self.acquire(locks, input_bytes, record.take(), out).await {
                     Some(grant) => {
                         let count = ops.len() as u64;
                         let writes = ops
@@ -264,7 +424,7 @@ impl Executor {
                     None => None,
                 }
             }
-            Request::Stats => match self.acquire(LockSet::All, input_bytes, out).await {
+            Request::Stats => match self.acquire(LockSet::All, input_bytes, None, out).await {
                 Some(grant) => {
                     encode(&Response::Stats(self.stats(grant.position())), out);
                     Some(grant)
@@ -272,28 +432,21 @@ impl Executor {
                 None => None,
             },
             Request::Deploy { name, module } => {
-                // Compiling takes milliseconds to seconds: not on an async worker.
-                let (procedures, name, module) = (
-                    self.procedures.clone(),
-                    name.into_owned(),
-                    module.into_owned(),
-                );
-                let response =
-                    match tokio::task::spawn_blocking(move || procedures.deploy(&name, &module))
-                        .await
-                    {
-                        Ok(Ok(info)) => Response::Deployed(info),
-                        Ok(Err(error)) => Response::Error(error),
-                        Err(panic) => Response::Error(ErrorResponse::new(
-                            ErrorCode::INTERNAL,
-                            format!("deploy failed: {panic}"),
-                        )),
-                    };
-                encode(&response, out);
-                None
+                self.deploy(name.into_owned(), module.into_owned(), out)
+                    .await
             }
             Request::ListModules => {
                 encode(&Response::Modules(self.procedures.list()), out);
+                None
+            }
+            Request::Checkpoint => {
+                let written = crate::durability::checkpoint(self).await;
+                encode(&checkpointed(written), out);
+                None
+            }
+            Request::Backup { dir } => {
+                let written = crate::durability::backup(self, std::path::Path::new(&*dir)).await;
+                encode(&checkpointed(written), out);
                 None
             }
         };
@@ -305,7 +458,82 @@ impl Executor {
                 response,
             });
         }
+        let Some(grant) = grant else { return };
+        let position = grant.position();
         drop(grant); // the locks are released after the response is final
+        self.settle(position, start, out).await;
+    }
+
+    /// Waits until the transaction at `position` is durable (every position up to it is:
+    /// it may have read what they wrote) before its response, from `start` in `out`, is
+    /// sent; if the log failed, replaces the response with `DURABILITY_FAILED`.
+    async fn settle(&self, position: Position, start: usize, out: &mut Vec<u8>) {
+        if let Err(failed) = self.durable(position + 1).await {
+            out.truncate(start);
+            encode(&Response::Error(durability_failed(&failed)), out);
+        }
+    }
+
+    /// Waits until every position below `end` is durable (at once without a log).
+    async fn durable(&self, end: Position) -> Result<(), LogFailed> {
+        match self.scheduler.log() {
+            Some(log) => log.wait_durable(end).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Compiles a module, stores its bytes, and installs it at its position in the order.
+    async fn deploy(&self, name: String, bytes: Vec<u8>, out: &mut Vec<u8>) -> Option<Grant> {
+        // Compiling takes milliseconds to seconds, storing an fsync: not on an async worker.
+        let procedures = self.procedures.clone();
+        let modules = self.persistence.as_ref().map(|p| p.modules.clone());
+        let compiled = tokio::task::spawn_blocking(move || {
+            let compiled = procedures.compile(&name, &bytes)?;
+            if let Some(modules) = modules {
+                modules.save(&compiled.digest(), &bytes).map_err(|error| {
+                    ErrorResponse::new(
+                        ErrorCode::INTERNAL,
+                        format!("cannot store the module in the data directory: {error}; nothing was deployed"),
+                    )
+                })?;
+            }
+            Ok::<_, ErrorResponse>(compiled)
+        })
+        .await;
+        let compiled = match compiled {
+            Ok(Ok(compiled)) => compiled,
+            Ok(Err(error)) => {
+                encode(&Response::Error(error), out);
+                return None;
+            }
+            Err(panic) => {
+                encode(
+                    &Response::Error(ErrorResponse::new(
+                        ErrorCode::INTERNAL,
+                        format!("deploy failed: {panic}"),
+                    )),
+                    out,
+                );
+                return None;
+            }
+        };
+        let record = self.scheduler.logging().then(|| {
+            LogCommand::Deploy {
+                name: compiled.name().to_owned(),
+                version: compiled.digest(),
+            }
+            .encode()
+        });
+        // Every lock: calls before it run on the old version, calls after it on the new.
+        let grant = self
+            .acquire(LockSet::All, compiled.name().len() + 32, record, out)
+            .await?;
+        let response = match self.procedures.install(compiled, grant.position()) {
+            Ok(info) => Response::Deployed(info),
+            Err(error) => Response::Error(error),
+        };
+        encode(&response, out);
+        Some(grant)
     }
 
     /// A request on a stream with an open interactive transaction.
@@ -364,7 +592,14 @@ impl Executor {
     /// `CONFLICT`), appending the response to `out`.
     async fn commit(&self, plan: CommitPlan, out: &mut Vec<u8>) {
         let start = out.len();
-        let Some(grant) = self.acquire(plan.lock_set(), plan.input_bytes(), out).await else {
+        let record = self
+            .scheduler
+            .logging()
+            .then(|| LogCommand::Commit(plan.clone()).encode());
+        let Some(grant) = self
+            .acquire(plan.lock_set(), plan.input_bytes(), record, out)
+            .await
+        else {
             return;
         };
         let recorded = self.history.as_ref().map(|_| plan.clone());
@@ -388,21 +623,28 @@ impl Executor {
                 response: out[start..].to_vec(),
             });
         }
+        let position = grant.position();
         drop(grant);
+        self.settle(position, start, out).await;
     }
 
-    /// Orders a transaction of `input_bytes` ordered input and waits for its locks, or
-    /// answers `OVERLOADED`.
+    /// Orders a transaction of `input_bytes` ordered input, logging `record`, and waits for
+    /// its locks; or answers why it was refused.
     async fn acquire(
         &self,
         locks: LockSet,
         input_bytes: usize,
+        record: Option<Vec<u8>>,
         out: &mut Vec<u8>,
     ) -> Option<Grant> {
-        match self.scheduler.acquire_sized(locks, input_bytes).await {
+        match self
+            .scheduler
+            .acquire_sized(locks, input_bytes, record)
+            .await
+        {
             Ok(grant) => Some(grant),
-            Err(overloaded) => {
-                encode(&Response::Error(overloaded_error(overloaded)), out);
+            Err(refused) => {
+                encode(&Response::Error(refused_error(refused)), out);
                 None
             }
         }
@@ -422,25 +664,58 @@ impl Executor {
             .await
             .expect("the semaphore is never closed");
         for _ in 0..MAX_RECONNAISSANCE_ATTEMPTS {
-            let prepared =
-                match self
-                    .procedures
-                    .prepare(module, procedure, encoding, args, &self.store)
-                {
-                    Ok(prepared) => prepared,
-                    Err(error) => {
-                        encode(&Response::Error(error), out);
-                        return None;
-                    }
-                };
+            let prepared = self.procedures.module(module).and_then(|deployed| {
+                let prepared = self.procedures.prepare_in(
+                    &deployed,
+                    procedure,
+                    encoding,
+                    args,
+                    &self.store,
+                    None,
+                )?;
+                Ok((deployed, prepared))
+            });
+            let (deployed, prepared) = match prepared {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    encode(&Response::Error(error), out);
+                    return None;
+                }
+            };
             let reconnoitred = prepared.reconnoitred();
+            let record = self.scheduler.logging().then(|| {
+                LogCommand::Call {
+                    module: Cow::Borrowed(module),
+                    version: deployed.digest(),
+                    procedure: Cow::Borrowed(procedure),
+                    encoding,
+                    args: Cow::Borrowed(args),
+                    keys: reconnoitred.then(|| {
+                        let mut keys: Vec<(String, bool)> = prepared
+                            .declared_keys()
+                            .into_iter()
+                            .flatten()
+                            .map(|(key, write)| (key.clone(), *write))
+                            .collect();
+                        keys.sort_unstable();
+                        keys
+                    }),
+                }
+                .encode()
+            });
             let grant = self
                 .acquire(
                     prepared.lock_set(),
                     module.len() + procedure.len() + args.len(),
+                    record,
                     out,
                 )
                 .await?;
+            // Replaced between preparation and this position: it does nothing here (a
+            // replay sees the same version at this position) and runs again, later.
+            if self.procedures.current_digest(module) != Some(deployed.digest()) {
+                continue;
+            }
             let response = match prepared.execute(&self.store, args, grant.position()) {
                 Ok(output) => Response::Output(Cow::Owned(output)),
                 // The state moved between reconnaissance and execution: a deterministic
@@ -477,12 +752,44 @@ impl Executor {
     }
 }
 
-fn overloaded_error(overloaded: Overloaded) -> ErrorResponse {
+fn checkpointed(
+    written: Result<crate::durability::CheckpointInfo, ErrorResponse>,
+) -> Response<'static> {
+    match written {
+        Ok(info) => Response::Checkpointed(transdb_proto::message::CheckpointInfo {
+            position: info.position,
+            keys: info.keys,
+            bytes: info.bytes,
+            path: info.path.display().to_string(),
+        }),
+        Err(error) => Response::Error(error),
+    }
+}
+
+fn refused_error(refused: Refused) -> ErrorResponse {
+    match refused {
+        Refused::Overloaded { limit } => ErrorResponse::new(
+            ErrorCode::OVERLOADED,
+            format!(
+                "{limit} transactions are pending, the limit (--max-pending-transactions): nothing was done, retry shortly"
+            ),
+        ),
+        Refused::Log(Refusal::Behind { unwritten }) => ErrorResponse::new(
+            ErrorCode::OVERLOADED,
+            format!(
+                "the command log has {unwritten} bytes waiting for the disk (the limit is {}): nothing was done, retry shortly",
+                crate::log::MAX_UNWRITTEN_BYTES
+            ),
+        ),
+        Refused::Log(Refusal::Failed(failed)) => durability_failed(&failed),
+    }
+}
+
+fn durability_failed(failed: &LogFailed) -> ErrorResponse {
     ErrorResponse::new(
-        ErrorCode::OVERLOADED,
+        ErrorCode::DURABILITY_FAILED,
         format!(
-            "{} transactions are pending, the limit (--max-pending-transactions): nothing was done, retry shortly",
-            overloaded.limit
+            "{failed}. This transaction may or may not have taken effect; the server refuses every transaction until it is restarted, which recovers everything that was made durable"
         ),
     )
 }

@@ -54,7 +54,7 @@ pub struct InteractiveLimits {
 
 /// What a commit decides on, and what is logged for it: the version each read saw and the
 /// writes, both in key order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommitPlan {
     /// Each key read, with the position that wrote the value seen (`None`: it did not exist).
     pub reads: Vec<(String, Option<Position>)>,

@@ -27,10 +27,12 @@
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod durability;
 pub mod executor;
 pub mod identity;
 pub mod interactive;
 pub mod lock_manager;
+pub mod log;
 pub(crate) mod network;
 pub mod procedures;
 pub mod runtime;

@@ -2,7 +2,9 @@
 //!
 //! Deploying a name that exists swaps in the new module in one step: calls already running
 //! hold the old module and finish on it; calls that start afterwards get the new one. A
-//! module's version is the SHA-256 of its bytes.
+//! module's version is the SHA-256 of its bytes. (The executor orders a deploy like a
+//! transaction, and a call whose module was replaced between its preparation and its
+//! position is prepared again, so that which version a call runs follows the order.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use transdb_proto::{ErrorCode, ErrorResponse, abi};
 
 use transdb_proto::message::Encoding;
 
+use crate::lock_manager::Position;
 use crate::runtime::{CompiledModule, PreparedCall, Runtime};
 use crate::store::Store;
 
@@ -40,11 +43,22 @@ pub fn key_set_unstable(attempts: usize) -> ErrorResponse {
 pub struct DeployedModule {
     name: Arc<str>,
     version: String,
+    digest: [u8; 32],
     size_bytes: usize,
     compiled: CompiledModule,
 }
 
 impl DeployedModule {
+    /// The module's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SHA-256 of its bytes: its version.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
     /// What `transdb procedures` shows.
     pub fn info(&self) -> ModuleInfo {
         ModuleInfo {
@@ -64,10 +78,17 @@ impl DeployedModule {
     }
 }
 
+#[derive(Default)]
+struct Modules {
+    by_name: HashMap<String, Arc<DeployedModule>>,
+    /// The position of the latest install in the order.
+    last_install: Option<Position>,
+}
+
 /// The registry of deployed modules and the runtime that runs them.
 pub struct Procedures {
     runtime: Runtime,
-    modules: RwLock<HashMap<String, Arc<DeployedModule>>>,
+    modules: RwLock<Modules>,
     max_modules: usize,
     /// Deploys compile one at a time: compiling is CPU- and memory-heavy, and a burst of
     /// uploads must not take every core (or every instance slot) from calls.
@@ -79,7 +100,7 @@ impl Procedures {
     pub fn new(runtime: Runtime, max_modules: usize) -> Self {
         Self {
             runtime,
-            modules: RwLock::new(HashMap::new()),
+            modules: RwLock::new(Modules::default()),
             max_modules,
             deploying: parking_lot::Mutex::new(()),
         }
@@ -91,31 +112,94 @@ impl Procedures {
     }
 
     /// Validates, compiles and installs `bytes` as module `name`, replacing any module of
-    /// that name. Slow (compilation): call it off the async workers.
+    /// that name, outside the order (for tests and tools that own the registry; a server
+    /// deploys through the executor, which orders and logs it). Slow: call it off the async
+    /// workers.
     pub fn deploy(&self, name: &str, bytes: &[u8]) -> Result<ModuleInfo, ErrorResponse> {
+        let module = self.compile(name, bytes)?;
+        self.insert(module, None)
+    }
+
+    /// First half of a deploy: validates and compiles `bytes` as module `name`, installing
+    /// nothing. Slow: call it off the async workers.
+    pub fn compile(&self, name: &str, bytes: &[u8]) -> Result<Arc<DeployedModule>, ErrorResponse> {
         check_name(name, true, "module")?;
-        if !self.modules.read().contains_key(name) && self.modules.read().len() >= self.max_modules
-        {
+        let modules = self.modules.read();
+        let full = !modules.by_name.contains_key(name) && modules.by_name.len() >= self.max_modules;
+        drop(modules);
+        if full {
             return Err(too_many_modules(self.max_modules));
         }
         let compiling = self.deploying.lock();
         let compiled = self.runtime.compile(bytes)?;
         drop(compiling);
-        let module = Arc::new(DeployedModule {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        Ok(Arc::new(DeployedModule {
             name: Arc::from(name),
-            version: hex(&Sha256::digest(bytes)),
+            version: hex(&digest),
+            digest,
             size_bytes: bytes.len(),
             compiled,
-        });
+        }))
+    }
+
+    /// Second half of a deploy: installs a compiled module under its name, replacing any
+    /// module of that name, as the transaction at `position` (which holds every lock).
+    pub fn install(
+        &self,
+        module: Arc<DeployedModule>,
+        position: Position,
+    ) -> Result<ModuleInfo, ErrorResponse> {
+        self.insert(module, Some(position))
+    }
+
+    fn insert(
+        &self,
+        module: Arc<DeployedModule>,
+        position: Option<Position>,
+    ) -> Result<ModuleInfo, ErrorResponse> {
         let info = module.info();
         let mut modules = self.modules.write();
-        if !modules.contains_key(name) && modules.len() >= self.max_modules {
+        if !modules.by_name.contains_key(&*module.name) && modules.by_name.len() >= self.max_modules
+        {
             return Err(too_many_modules(self.max_modules));
         }
-        modules.insert(name.to_owned(), module);
+        modules.by_name.insert(module.name.to_string(), module);
+        if position.is_some() {
+            modules.last_install = position;
+        }
         drop(modules);
-        tracing::info!(module = name, version = %info.version, procedures = info.procedures.len(), "deployed");
+        tracing::info!(module = %info.name, version = %info.version, procedures = info.procedures.len(), "deployed");
         Ok(info)
+    }
+
+    /// Installs a module loaded from a checkpoint (recovery, before anything is ordered).
+    pub fn restore(&self, module: Arc<DeployedModule>) {
+        let name = module.name.to_string();
+        self.modules.write().by_name.insert(name, module);
+    }
+
+    /// The version (digest) of every deployed module, by name, in name order, and the
+    /// position of the latest install (a checkpoint at `S` may use the list only if that is
+    /// below `S`).
+    pub fn versions(&self) -> (Vec<(String, [u8; 32])>, Option<Position>) {
+        let modules = self.modules.read();
+        let mut versions: Vec<_> = modules
+            .by_name
+            .iter()
+            .map(|(name, module)| (name.clone(), module.digest))
+            .collect();
+        versions.sort();
+        (versions, modules.last_install)
+    }
+
+    /// The version of the module deployed as `name` right now.
+    pub fn current_digest(&self, name: &str) -> Option<[u8; 32]> {
+        self.modules
+            .read()
+            .by_name
+            .get(name)
+            .map(|module| module.digest)
     }
 
     /// Every deployed module, by name.
@@ -123,6 +207,7 @@ impl Procedures {
         let mut modules: Vec<ModuleInfo> = self
             .modules
             .read()
+            .by_name
             .values()
             .map(|module| module.info())
             .collect();
@@ -132,7 +217,7 @@ impl Procedures {
 
     /// The module deployed as `name` right now.
     pub fn module(&self, name: &str) -> Result<Arc<DeployedModule>, ErrorResponse> {
-        self.modules.read().get(name).cloned().ok_or_else(|| {
+        self.modules.read().by_name.get(name).cloned().ok_or_else(|| {
             ErrorResponse::new(
                 ErrorCode::MODULE_NOT_FOUND,
                 format!("no module {name:?} is deployed: deploy it with `transdb deploy {name} FILE.wasm`"),
@@ -152,15 +237,30 @@ impl Procedures {
         store: &Arc<Store>,
     ) -> Result<PreparedCall, ErrorResponse> {
         check_name(module, true, "module")?;
-        check_name(procedure, false, "procedure")?;
         let deployed = self.module(module)?;
-        self.runtime.prepare(
+        self.prepare_in(&deployed, procedure, encoding, args, store, None)
+    }
+
+    /// [`Procedures::prepare`] on a given deployed module, with the key set `given` instead
+    /// of a reconnaissance run when it is `Some` (see [`Runtime::prepare_with`]).
+    pub fn prepare_in(
+        &self,
+        deployed: &DeployedModule,
+        procedure: &str,
+        encoding: Encoding,
+        args: &[u8],
+        store: &Arc<Store>,
+        given: Option<crate::transaction::DeclaredKeys>,
+    ) -> Result<PreparedCall, ErrorResponse> {
+        check_name(procedure, false, "procedure")?;
+        self.runtime.prepare_with(
             &deployed.name,
             &deployed.compiled,
             procedure,
             encoding,
             args,
             store,
+            given,
         )
     }
 }

@@ -336,6 +336,23 @@ impl Runtime {
         args: &[u8],
         store: &Arc<Store>,
     ) -> Result<PreparedCall, ErrorResponse> {
+        self.prepare_with(module_name, module, procedure, encoding, args, store, None)
+    }
+
+    /// [`Runtime::prepare`], with the key set `given` instead of a reconnaissance run when
+    /// it is `Some` (replaying a logged call whose keys were reconnoitred: the call then
+    /// counts as reconnoitred, so touching another key aborts it as it did when it ran).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_with(
+        &self,
+        module_name: &Arc<str>,
+        module: &CompiledModule,
+        procedure: &str,
+        encoding: Encoding,
+        args: &[u8],
+        store: &Arc<Store>,
+        given: Option<DeclaredKeys>,
+    ) -> Result<PreparedCall, ErrorResponse> {
         let Some(export) = module.procedures.get(procedure) else {
             return Err(ErrorResponse::new(
                 ErrorCode::PROCEDURE_NOT_FOUND,
@@ -352,9 +369,11 @@ impl Runtime {
         };
         // Without a key function: a reconnaissance run in a throwaway instance discovers the
         // keys the procedure touches in the current state (OLLP).
-        let discovered = match export.keys {
-            Some(_) => None,
-            None => Some(self.reconnoitre(
+        let run_keys = given.is_none();
+        let discovered = match (given, &export.keys) {
+            (Some(given), _) => Some(given),
+            (None, Some(_)) => None,
+            (None, None) => Some(self.reconnoitre(
                 module_name,
                 module,
                 procedure,
@@ -365,7 +384,7 @@ impl Runtime {
             )?),
         };
         let mut wasm = self.new_store(module_name.clone(), procedure.to_owned());
-        match instantiate_and_declare(&mut wasm, module, export, encoding, args) {
+        match instantiate_and_declare(&mut wasm, module, export, encoding, args, run_keys) {
             Ok((instance, alloc, memory)) => {
                 let reconnoitred = discovered.is_some();
                 let declared = discovered.or_else(|| wasm.data_mut().declaring.take());
@@ -414,7 +433,7 @@ impl Runtime {
         ));
         let reconnaissance = PreparedCall::run_in;
         if let Ok((instance, alloc, memory)) =
-            instantiate_and_declare(&mut wasm, module, export, encoding, args)
+            instantiate_and_declare(&mut wasm, module, export, encoding, args, true)
         {
             let _ = reconnaissance(
                 &mut wasm,
@@ -466,6 +485,12 @@ impl PreparedCall {
     /// Whether the key set was discovered by a reconnaissance run rather than declared.
     pub fn reconnoitred(&self) -> bool {
         self.reconnoitred
+    }
+
+    /// The keys the call may touch (`true`: written), if it declared or discovered them
+    /// (`None`: it may touch any key).
+    pub fn declared_keys(&self) -> Option<&DeclaredKeys> {
+        self.declared.as_ref()
     }
 
     /// Second half of a call, with the locks of [`PreparedCall::lock_set`] held: runs the
@@ -562,6 +587,7 @@ fn instantiate_and_declare(
     export: &ProcedureExport,
     encoding: Encoding,
     args: &[u8],
+    run_keys: bool,
 ) -> wasmtime::Result<(Instance, TypedFunc<i32, i32>, Memory)> {
     let instance = module.instance_pre.instantiate(&mut *wasm)?;
     let memory = instance
@@ -574,7 +600,7 @@ fn instantiate_and_declare(
         .and_then(Extern::into_func)
         .expect("checked at deploy")
         .typed::<i32, i32>(&*wasm)?;
-    if let Some(keys) = &export.keys {
+    if let Some(keys) = export.keys.as_ref().filter(|_| run_keys) {
         let keys = instance
             .get_module_export(&mut *wasm, keys)
             .and_then(Extern::into_func)

@@ -18,17 +18,21 @@
 //! before `S`. A snapshot takes no position and no lock: later transactions run on, and
 //! their writes, at positions `>= S`, are invisible to it.
 //!
-//! (The command log will record each batch as the leader hands it on, before it is
-//! ordered.)
+//! With a [`CommandLog`] attached, the leader appends each batch's logged commands to it
+//! right after giving the batch its positions and before ordering anything else, so the log
+//! is in position order. A transaction that has been ordered must then run: the log says it
+//! did. (A waiter dropped before its grant is still released — that only happens when the
+//! server is going away, which recovery treats like a crash.)
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::lock_manager::{LockManager, LockSet, Position};
+use crate::log::{CommandLog, Refusal};
 use crate::sequencer::Batcher;
 use crate::store::{NO_SNAPSHOT, SnapshotFloor};
 
@@ -46,19 +50,28 @@ pub struct Scheduler {
     unfinished: AtomicUsize,
     max_pending: usize,
     floor: SnapshotFloor,
+    /// Where ordered commands are logged, once recovery is done.
+    log: OnceLock<Arc<CommandLog>>,
 }
 
-/// The scheduler is at its limit of pending transactions; nothing was ordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Overloaded {
-    /// The limit.
-    pub limit: usize,
+/// Why a transaction was not ordered (nothing was done).
+#[derive(Clone, Debug)]
+pub enum Refused {
+    /// The scheduler is at its limit of pending transactions.
+    Overloaded {
+        /// The limit.
+        limit: usize,
+    },
+    /// The command log failed or is too far behind.
+    Log(Refusal),
 }
 
 /// A transaction waiting to be sequenced: its locks, and where to send its position once
 /// it holds them all.
 struct Queued {
     locks: LockSet,
+    /// The command to log, if the transaction can change state.
+    record: Option<Vec<u8>>,
     granted: oneshot::Sender<Position>,
 }
 
@@ -171,7 +184,34 @@ impl Scheduler {
             unfinished: AtomicUsize::new(0),
             max_pending,
             floor,
+            log: OnceLock::new(),
         })
+    }
+
+    /// From now on, logs every ordered command to `log` (after recovery has replayed it).
+    ///
+    /// # Panics
+    /// If a log is already attached.
+    pub fn attach_log(&self, log: Arc<CommandLog>) {
+        assert!(
+            self.log.set(log).is_ok(),
+            "a command log is already attached"
+        );
+    }
+
+    /// The attached command log.
+    pub fn log(&self) -> Option<&Arc<CommandLog>> {
+        self.log.get()
+    }
+
+    /// Whether commands are logged (so callers encode them).
+    pub fn logging(&self) -> bool {
+        self.log.get().is_some()
+    }
+
+    /// The next position to be given out.
+    pub fn next_position(&self) -> Position {
+        self.state.lock().next
     }
 
     /// Opens a snapshot at the current end of the order and waits until every transaction
@@ -239,18 +279,20 @@ impl Scheduler {
 
     /// Orders a transaction that needs `locks` and waits until it holds them all; refuses
     /// it, unordered, if the scheduler is at its limit.
-    pub async fn acquire(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
-        self.acquire_sized(locks, 0).await
+    pub async fn acquire(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Refused> {
+        self.acquire_sized(locks, 0, None).await
     }
 
     /// [`Scheduler::acquire`] for a transaction whose ordered input is `input_bytes` long
-    /// (what the sequencer's byte cap counts).
+    /// (what the sequencer's byte cap counts) and whose command, if it can change state, is
+    /// `record` (logged when a log is attached).
     pub async fn acquire_sized(
         self: &Arc<Self>,
         locks: LockSet,
         input_bytes: usize,
-    ) -> Result<Grant, Overloaded> {
-        let mut pending = match self.submit(locks, input_bytes)? {
+        record: Option<Vec<u8>>,
+    ) -> Result<Grant, Refused> {
+        let mut pending = match self.submit(locks, input_bytes, record)? {
             Submitted::Granted(grant) => return Ok(grant),
             Submitted::Pending(pending) => pending,
         };
@@ -264,8 +306,8 @@ impl Scheduler {
     ///
     /// # Panics
     /// If called from within an async runtime.
-    pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Overloaded> {
-        let mut pending = match self.submit(locks, 0)? {
+    pub fn acquire_blocking(self: &Arc<Self>, locks: LockSet) -> Result<Grant, Refused> {
+        let mut pending = match self.submit(locks, 0, None)? {
             Submitted::Granted(grant) => return Ok(grant),
             Submitted::Pending(pending) => pending,
         };
@@ -288,25 +330,40 @@ impl Scheduler {
         self: &Arc<Self>,
         locks: LockSet,
         input_bytes: usize,
-    ) -> Result<Submitted, Overloaded> {
-        let overloaded = Overloaded {
+        record: Option<Vec<u8>>,
+    ) -> Result<Submitted, Refused> {
+        let overloaded = || Refused::Overloaded {
             limit: self.max_pending,
+        };
+        let record = match self.log.get() {
+            Some(log) => {
+                log.admit().map_err(Refused::Log)?;
+                record
+            }
+            None => None,
         };
         let mut queue = self.queue.lock();
         if queue.len() + self.unfinished.load(Ordering::Relaxed) >= self.max_pending {
-            return Err(overloaded);
+            return Err(overloaded());
         }
         if queue.lead_alone() {
             drop(queue);
-            let submitted = self.order_alone(locks);
+            let submitted = self.order_alone(locks, record);
             self.sequence();
             return Ok(submitted);
         }
         // A leader is active (`lead_alone` said so): it will hand this one on.
         let (granted, receiver) = oneshot::channel();
         let lead = queue
-            .push(Queued { locks, granted }, input_bytes)
-            .map_err(|_| overloaded)?;
+            .push(
+                Queued {
+                    locks,
+                    record,
+                    granted,
+                },
+                input_bytes,
+            )
+            .map_err(|_| overloaded())?;
         debug_assert!(!lead, "the active leader sequences the queue");
         Ok(Submitted::Pending(PendingGrant {
             scheduler: self.clone(),
@@ -315,25 +372,35 @@ impl Scheduler {
     }
 
     /// The leader's own transaction, a batch of one: granted now, or waiting.
-    fn order_alone(self: &Arc<Self>, locks: LockSet) -> Submitted {
+    fn order_alone(self: &Arc<Self>, locks: LockSet, record: Option<Vec<u8>>) -> Submitted {
         let mut state = self.state.lock();
         let (position, granted_now) = self.place(&mut state, locks);
-        if granted_now {
-            return Submitted::Granted(Grant {
+        let next = state.next;
+        let submitted = if granted_now {
+            Submitted::Granted(Grant {
                 scheduler: self.clone(),
                 position,
-            });
+            })
+        } else {
+            let (granted, receiver) = oneshot::channel();
+            state.waiting.insert(position, granted);
+            Submitted::Pending(PendingGrant {
+                scheduler: self.clone(),
+                granted: receiver,
+            })
+        };
+        drop(state);
+        if let Some(log) = self.log.get() {
+            let records: Vec<_> = record
+                .map(|record| (position, record))
+                .into_iter()
+                .collect();
+            log.append(&records, next);
         }
-        let (granted, receiver) = oneshot::channel();
-        state.waiting.insert(position, granted);
-        Submitted::Pending(PendingGrant {
-            scheduler: self.clone(),
-            granted: receiver,
-        })
+        submitted
     }
 
-    /// The leader's loop: hands batches on until the queue is empty. (The command log will
-    /// append each batch here, before it is ordered.)
+    /// The leader's loop: hands batches on until the queue is empty.
     fn sequence(&self) {
         loop {
             let Some(batch) = self.queue.lock().next_batch() else {
@@ -347,16 +414,30 @@ impl Scheduler {
     /// under one acquisition of the mutex; wakes those granted at once.
     fn order(&self, batch: Vec<Queued>) {
         let mut abandoned = Vec::new();
-        {
+        let mut records = Vec::new();
+        let next = {
             let mut state = self.state.lock();
-            for Queued { locks, granted } in batch {
+            for Queued {
+                locks,
+                record,
+                granted,
+            } in batch
+            {
                 let (position, granted_now) = self.place(&mut state, locks);
+                if let Some(record) = record {
+                    records.push((position, record));
+                }
                 if !granted_now {
                     state.waiting.insert(position, granted);
                 } else if granted.send(position).is_err() {
                     abandoned.push(position);
                 }
             }
+            state.next
+        };
+        // The leader appends before it hands on the next batch: the log is in order.
+        if let Some(log) = self.log.get() {
+            log.append(&records, next);
         }
         for position in abandoned {
             self.finish(position);
@@ -484,7 +565,7 @@ mod tests {
         let mut refused = Box::pin(scheduler.acquire(write("b")));
         assert!(matches!(
             poll_once(&mut refused),
-            Poll::Ready(Err(Overloaded { limit: 2 }))
+            Poll::Ready(Err(Refused::Overloaded { limit: 2 }))
         ));
         drop(first);
         let Poll::Ready(Ok(second)) = poll_once(&mut second) else {

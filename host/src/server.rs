@@ -15,8 +15,10 @@ use tokio_util::task::TaskTracker;
 use transdb_proto::ErrorCode;
 
 use crate::config::ServerConfig;
+use crate::durability::{self, Persistence, Recovery};
 use crate::executor::Executor;
 use crate::identity::Identity;
+use crate::log::Durability;
 use crate::network::{self, Shared};
 use crate::procedures::Procedures;
 use crate::runtime::Runtime;
@@ -39,6 +41,8 @@ pub struct Server {
     shared: Arc<Shared>,
     accept_task: JoinHandle<()>,
     shutdown_grace: Duration,
+    recovery: Option<Recovery>,
+    checkpoint_task: Option<JoinHandle<()>>,
     _data_dir_lock: File,
 }
 
@@ -80,18 +84,38 @@ impl Server {
             format!("cannot listen on {}: is another server using that port? choose another with --listen", config.listen)
         })?;
         let local_addr = endpoint.local_addr()?;
+        let mut executor = Executor::new(
+            Arc::new(Store::new(config.shards)),
+            Arc::new(Procedures::new(
+                Runtime::new(config.runtime.clone())?,
+                config.max_modules,
+            )),
+            config.max_pending_transactions,
+        )
+        .with_max_transaction_bytes(config.max_transaction_bytes);
+        let recovery = if config.durability == Durability::None {
+            None
+        } else {
+            executor = executor.with_persistence(Persistence::new(
+                &config.data_dir,
+                config.log_archive.clone(),
+            ));
+            let recovery =
+                durability::recover(&executor, config.durability, config.log_segment_bytes)
+                    .await
+                    .context("recovery failed; the server did not start")?;
+            tracing::info!(
+                checkpoint = ?recovery.checkpoint,
+                checkpoint_keys = recovery.checkpoint_keys,
+                replayed = recovery.replayed,
+                torn_bytes = recovery.torn_bytes,
+                elapsed = ?recovery.elapsed,
+                "recovered"
+            );
+            Some(recovery)
+        };
         let shared = Arc::new(Shared {
-            executor: Arc::new(
-                Executor::new(
-                    Arc::new(Store::new(config.shards)),
-                    Arc::new(Procedures::new(
-                        Runtime::new(config.runtime.clone())?,
-                        config.max_modules,
-                    )),
-                    config.max_pending_transactions,
-                )
-                .with_max_transaction_bytes(config.max_transaction_bytes),
-            ),
+            executor: Arc::new(executor),
             shutdown: CancellationToken::new(),
             streams: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -102,7 +126,10 @@ impl Server {
             endpoint.clone(),
             shared.clone(),
         ));
-        tracing::info!(%local_addr, shards = config.shards, data_dir = %config.data_dir.display(), "listening");
+        let checkpoint_task = recovery
+            .as_ref()
+            .map(|_| tokio::spawn(checkpoint_policy(shared.clone(), config.clone())));
+        tracing::info!(%local_addr, shards = config.shards, data_dir = %config.data_dir.display(), durability = ?config.durability, "listening");
         Ok(Server {
             local_addr,
             certificate_path: identity.certificate_path,
@@ -110,8 +137,20 @@ impl Server {
             shared,
             accept_task,
             shutdown_grace: config.shutdown_grace,
+            recovery,
+            checkpoint_task,
             _data_dir_lock: lock,
         })
+    }
+
+    /// What recovery did at start (`None` with `--durability none`).
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
+    }
+
+    /// The executor (for in-process tools and tests).
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.shared.executor
     }
 
     /// The address the server listens on.
@@ -161,8 +200,57 @@ impl Server {
         self.close_connections();
         let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
         let _ = (&mut self.accept_task).await;
+        if let Some(task) = self.checkpoint_task.take() {
+            task.abort();
+        }
+        if let Some(log) = self.shared.executor.scheduler.log().cloned() {
+            // Writes and fsyncs what is left: everything acknowledged already is.
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
         tracing::info!("stopped");
         ShutdownReport { abandoned }
+    }
+}
+
+/// Writes a checkpoint when the log has grown by `--checkpoint-log-bytes` since the last
+/// one (what a checkpoint leaves is the segment being written), or when
+/// `--checkpoint-interval-secs` have passed since the last one and something was logged.
+async fn checkpoint_policy(shared: Arc<Shared>, config: ServerConfig) {
+    const CHECK_EVERY: Duration = Duration::from_secs(1);
+    let executor = &shared.executor;
+    let log_dir = config.data_dir.join(crate::log::LOG_DIR);
+    let mut last = tokio::time::Instant::now();
+    let mut last_position = executor.scheduler.next_position();
+    let mut bytes_after_last = 0;
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+        let grew = executor.scheduler.next_position() > last_position;
+        let by_time = !config.checkpoint_interval.is_zero()
+            && last.elapsed() >= config.checkpoint_interval
+            && grew;
+        let log_bytes = {
+            let log_dir = log_dir.clone();
+            tokio::task::spawn_blocking(move || crate::log::size(&log_dir))
+                .await
+                .unwrap_or(0)
+        };
+        let by_size = config.checkpoint_log_bytes > 0
+            && log_bytes.saturating_sub(bytes_after_last) >= config.checkpoint_log_bytes;
+        if !(by_time || by_size) {
+            continue;
+        }
+        match durability::checkpoint(executor).await {
+            Ok(info) => last_position = info.position,
+            Err(error) => tracing::error!(error = %error.message, "periodic checkpoint failed"),
+        }
+        last = tokio::time::Instant::now();
+        let log_dir = log_dir.clone();
+        bytes_after_last = tokio::task::spawn_blocking(move || crate::log::size(&log_dir))
+            .await
+            .unwrap_or(0);
     }
 }
 
@@ -182,7 +270,11 @@ impl Drop for Server {
     }
 }
 
-fn lock_data_dir(data_dir: &Path) -> Result<File> {
+/// Takes the data directory's exclusive lock (held while the file stays open).
+///
+/// # Errors
+/// If another server (or restore) holds it.
+pub fn lock_data_dir(data_dir: &Path) -> Result<File> {
     let path = data_dir.join(LOCK_FILE);
     let file = File::options()
         .create(true)

@@ -369,6 +369,22 @@ impl Store {
         }
     }
 
+    /// Every key that exists for the snapshot at `snapshot`, with the position that wrote
+    /// its value and the value, in no particular order (a checkpoint). Each shard is
+    /// read-locked once, while its entries are collected; the caller keeps the snapshot open.
+    pub fn entries_at(&self, snapshot: Position) -> Vec<(String, Position, Bytes)> {
+        let mut entries = Vec::new();
+        for shard in self.shards.iter() {
+            let state = shard.state.read();
+            entries.reserve(state.map.len());
+            entries.extend(state.map.iter().filter_map(|(key, entry)| {
+                let version = entry.at(snapshot)?;
+                Some((key.clone(), version.position, version.value.clone()?))
+            }));
+        }
+        entries
+    }
+
     /// Keys and bytes per shard, in shard order.
     pub fn shard_stats(&self) -> Vec<ShardStats> {
         self.shards.iter().map(Shard::stats).collect()

@@ -112,6 +112,14 @@ error_codes! {
     TRANSACTION_TIMEOUT = 79, "the transaction was idle longer than --transaction-idle-timeout-ms and was rolled back; nothing was written: retry it, without pauses inside it";
     /// The transaction's buffered writes exceed the server's limit.
     TRANSACTION_TOO_LARGE = 80, "the transaction's writes exceed --max-transaction-bytes; it was rolled back: split it into smaller transactions";
+    /// The command log could not be written or fsynced: the transaction's outcome is
+    /// unknown, and the server refuses every transaction until it is restarted.
+    DURABILITY_FAILED = 81, "the server could not make the transaction durable (its command log failed; see its log): the outcome is unknown; restart the server, which recovers everything durable, then check and retry";
+    /// The request needs a data directory that the server does not keep.
+    NOT_DURABLE = 82, "the server runs with --durability none and keeps nothing on disk: checkpoints and backups need --durability sync or async";
+    /// A directory named in the request cannot be used (e.g. a backup directory that is
+    /// not empty).
+    INVALID_PATH = 83, "the directory cannot be used: a backup goes to a new or empty directory on the server's machine";
 }
 
 impl fmt::Debug for ErrorCode {

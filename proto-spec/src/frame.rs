@@ -278,6 +278,24 @@ mod tests {
                 encode_to_vec(&Response::RolledBack).unwrap(),
             ),
             (
+                "request Checkpoint",
+                encode_to_vec(&Request::Checkpoint).unwrap(),
+            ),
+            (
+                "request Backup{dir:\"b\"}",
+                encode_to_vec(&Request::Backup { dir: "b".into() }).unwrap(),
+            ),
+            (
+                "response Checkpointed{position:5,keys:2,bytes:300,path:\"c\"}",
+                encode_to_vec(&Response::Checkpointed(crate::message::CheckpointInfo {
+                    position: 5,
+                    keys: 2,
+                    bytes: 300,
+                    path: "c".into(),
+                }))
+                .unwrap(),
+            ),
+            (
                 "response Output(\"ok\")",
                 encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),
             ),

@@ -90,6 +90,18 @@ pub enum Request<'a> {
     Commit,
     /// Roll the stream's transaction back; answered with [`Response::RolledBack`].
     Rollback,
+    /// Write a checkpoint of the state into the server's data directory now, without
+    /// stopping traffic, and drop the log it covers; answered with
+    /// [`Response::Checkpointed`] (`NOT_DURABLE` with `--durability none`).
+    Checkpoint,
+    /// Write a consistent copy of the state (a checkpoint and the modules it names) into
+    /// `dir`, a new or empty directory on the server's machine; answered with
+    /// [`Response::Checkpointed`].
+    Backup {
+        /// The directory, as the server's file system names it.
+        #[serde(borrow)]
+        dir: Cow<'a, str>,
+    },
 }
 
 /// One write of a [`Request::Batch`].
@@ -208,6 +220,21 @@ pub enum Response<'a> {
     },
     /// Answer to [`Request::Rollback`]: the transaction ended; nothing was written.
     RolledBack,
+    /// Answer to [`Request::Checkpoint`] and [`Request::Backup`]: what was written.
+    Checkpointed(CheckpointInfo),
+}
+
+/// What a checkpoint or backup wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// It holds the state after every transaction ordered below this position.
+    pub position: u64,
+    /// Keys in it.
+    pub keys: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its file on the server's machine.
+    pub path: String,
 }
 
 /// What [`Request::Stats`] returns. Taken as one transaction that holds every lock, so the
@@ -251,6 +278,8 @@ impl Request<'_> {
             Request::Begin => "Begin",
             Request::Commit => "Commit",
             Request::Rollback => "Rollback",
+            Request::Checkpoint => "Checkpoint",
+            Request::Backup { .. } => "Backup",
         }
     }
 
@@ -291,6 +320,10 @@ impl Request<'_> {
             Request::Begin => Request::Begin,
             Request::Commit => Request::Commit,
             Request::Rollback => Request::Rollback,
+            Request::Checkpoint => Request::Checkpoint,
+            Request::Backup { dir } => Request::Backup {
+                dir: Cow::Owned(dir.into_owned()),
+            },
         }
     }
 }
@@ -314,6 +347,7 @@ impl Response<'_> {
             Response::Begun { snapshot } => Response::Begun { snapshot },
             Response::Committed { position } => Response::Committed { position },
             Response::RolledBack => Response::RolledBack,
+            Response::Checkpointed(info) => Response::Checkpointed(info),
         }
     }
 
@@ -333,6 +367,7 @@ impl Response<'_> {
             Response::Begun { .. } => "Begun",
             Response::Committed { .. } => "Committed",
             Response::RolledBack => "RolledBack",
+            Response::Checkpointed(_) => "Checkpointed",
         }
     }
 }

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
 
-pub use transdb_proto::message::{BatchOp, ModuleInfo, ProcedureInfo, ServerStats};
+pub use transdb_proto::message::{BatchOp, CheckpointInfo, ModuleInfo, ProcedureInfo, ServerStats};
 
 pub mod tls;
 pub mod wire;
@@ -382,6 +382,24 @@ impl Client {
         match self.request(&Request::Stats).await? {
             Response::Stats(stats) => Ok(stats),
             other => Err(unexpected("Stats", &other)),
+        }
+    }
+
+    /// Asks the server to write a checkpoint of its state into its data directory now
+    /// (without stopping traffic) and to drop the log it covers.
+    pub async fn checkpoint(&self) -> Result<CheckpointInfo, Error> {
+        match self.request(&Request::Checkpoint).await? {
+            Response::Checkpointed(info) => Ok(info),
+            other => Err(unexpected("Checkpoint", &other)),
+        }
+    }
+
+    /// Asks the server to write a consistent copy of its state into `dir`, a new or empty
+    /// directory on the server's machine (restore it with `transdb restore`).
+    pub async fn backup(&self, dir: &str) -> Result<CheckpointInfo, Error> {
+        match self.request(&Request::Backup { dir: dir.into() }).await? {
+            Response::Checkpointed(info) => Ok(info),
+            other => Err(unexpected("Backup", &other)),
         }
     }
 

@@ -1,0 +1,803 @@
+//! The command log: the ordered *input* of every transaction that can change state, in
+//! position order, made durable with group commit.
+//!
+//! The sequencer's leader appends each batch as it hands it on ([`CommandLog::append`]),
+//! after the batch's positions are assigned and before anything else is ordered. A log
+//! thread writes what accumulated and, in [`Durability::Sync`], fsyncs it: one `fdatasync`
+//! for everything appended while the previous one ran (group commit). A reply waits until
+//! the log is durable through its transaction's position ([`CommandLog::wait_durable`]); a
+//! transaction may run before that (its effects are in memory only), because everything a
+//! later transaction can see was appended before it, so a durable later transaction implies
+//! a durable earlier one. Recovery replays the log after the newest checkpoint through the
+//! same deterministic executor.
+//!
+//! # Files
+//!
+//! `log/` holds segment files named by the position of their first record, zero-padded to
+//! 20 digits (`00000000000000001024.log`), so that name order is log order. A segment is
+//! a 16-byte header — the magic `TDBLOG` `0x00` `0x01` and the first position (`u64` LE) —
+//! followed by records:
+//!
+//! ```text
+//! u32 LE  payload length L (at most MAX_RECORD_BYTES)
+//! u32 LE  CRC32C of (the length field, the position field, the payload)
+//! u64 LE  position (strictly increasing through the log)
+//! L bytes payload: one postcard-encoded command (crate::executor::LogCommand)
+//! ```
+//!
+//! A new segment is started once the current one reaches the segment size; its file and
+//! the directory are fsynced before records go in.
+//!
+//! # Damage
+//!
+//! Reading stops at the first record that is cut short, fails its checksum, or does not
+//! advance the position. If that is in the last segment and no valid record follows it,
+//! it is a torn tail (a crash during a write): the tail is cut, with a log line saying how
+//! many bytes were dropped. Otherwise the log is damaged in the middle and recovery stops
+//! with an error naming the file and offset: applying what follows would guess.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+use crate::lock_manager::Position;
+
+/// The first eight bytes of a segment.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TDBLOG\x00\x01";
+/// Bytes of a segment's header: the magic and the first position.
+pub const SEGMENT_HEADER_BYTES: usize = 16;
+/// Bytes of a record's header: length, checksum, position.
+pub const RECORD_HEADER_BYTES: usize = 16;
+/// Largest record payload. A command is at most one request frame plus its key set, far
+/// below this; a larger length read from disk is damage.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+/// Default size at which a new segment is started.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default interval between background fsyncs in [`Durability::Async`].
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes appended and not yet written at most; beyond, new transactions are refused with
+/// `OVERLOADED` until the disk catches up.
+pub const MAX_UNWRITTEN_BYTES: usize = 64 * 1024 * 1024;
+/// The log's directory inside the data directory.
+pub const LOG_DIR: &str = "log";
+
+/// What a reply promises about a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// A reply is sent only once its transaction's batch is fsynced: nothing acknowledged is
+    /// lost by a crash of the process or the machine.
+    Sync,
+    /// Replies do not wait; the log is written at once and fsynced every `interval`. A crash
+    /// of the process loses at most what was not yet written (milliseconds); a crash of the
+    /// machine loses at most `interval` of acknowledged transactions.
+    Async {
+        /// Time between fsyncs.
+        interval: Duration,
+    },
+    /// No log: the state lives in memory only and a restart starts empty.
+    None,
+}
+
+/// A record read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The transaction's position.
+    pub position: Position,
+    /// The encoded command.
+    pub payload: Vec<u8>,
+}
+
+/// Appends one record to `out`.
+///
+/// # Panics
+/// If `payload` is longer than [`MAX_RECORD_BYTES`] (the executor never orders such a
+/// command).
+pub fn encode_record(position: Position, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(payload.len() <= MAX_RECORD_BYTES, "log record too large");
+    let length = (payload.len() as u32).to_le_bytes();
+    let position = position.to_le_bytes();
+    out.extend_from_slice(&length);
+    out.extend_from_slice(&checksum(&length, &position, payload).to_le_bytes());
+    out.extend_from_slice(&position);
+    out.extend_from_slice(payload);
+}
+
+fn checksum(length: &[u8; 4], position: &[u8; 8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(length);
+    let crc = crc32c::crc32c_append(crc, position);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// One segment file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Its path.
+    pub path: PathBuf,
+    /// The position its name says it starts at.
+    pub first: Position,
+}
+
+/// The segments in `dir`, in log order (an empty list if `dir` does not exist).
+///
+/// # Errors
+/// If `dir` cannot be read.
+pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut segments = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let first = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(".log"))
+            .filter(|stem| stem.len() == 20)
+            .and_then(|stem| stem.parse::<Position>().ok());
+        if let Some(first) = first {
+            segments.push(Segment { path, first });
+        }
+    }
+    segments.sort_by_key(|segment| segment.first);
+    Ok(segments)
+}
+
+/// The file name of the segment starting at `first`.
+pub fn segment_name(first: Position) -> String {
+    format!("{first:020}.log")
+}
+
+/// What reading one segment found.
+#[derive(Debug)]
+pub struct SegmentContents {
+    /// Its valid records, in order.
+    pub records: Vec<Record>,
+    /// Bytes of the file that are valid (header and records).
+    pub valid_bytes: u64,
+    /// Bytes after the valid ones: a torn tail to cut (only ever in the last segment).
+    pub torn_bytes: u64,
+    /// Why reading stopped early, if it did.
+    pub torn_reason: Option<String>,
+}
+
+/// The log is damaged where a torn write cannot explain it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the command log is damaged in the middle: {path} at byte {offset}: {reason}. Nothing after it was applied. \
+     Restore the data directory from a backup (`transdb restore`), or, accepting the loss of every transaction \
+     from this point on, move this segment and every later one out of {dir}"
+)]
+pub struct Corrupt {
+    /// The segment.
+    pub path: String,
+    /// The directory of the log.
+    pub dir: String,
+    /// The byte offset of the first bad record.
+    pub offset: u64,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// Reads a segment's bytes. `after` is the position of the last record of the segments
+/// before it (records must come after it); `last` says whether it is the last segment, the
+/// only one that may have a torn tail.
+///
+/// # Errors
+/// [`Corrupt`] if it is damaged anywhere but in a torn tail of the last segment.
+pub fn read_segment(
+    segment: &Segment,
+    bytes: &[u8],
+    after: Option<Position>,
+    last: bool,
+) -> Result<SegmentContents, Corrupt> {
+    let corrupt = |offset: u64, reason: String| Corrupt {
+        path: segment.path.display().to_string(),
+        dir: segment
+            .path
+            .parent()
+            .map(|dir| dir.display().to_string())
+            .unwrap_or_default(),
+        offset,
+        reason,
+    };
+    let torn = |reason: String| SegmentContents {
+        records: Vec::new(),
+        valid_bytes: 0,
+        torn_bytes: bytes.len() as u64,
+        torn_reason: Some(reason),
+    };
+    if bytes.len() < SEGMENT_HEADER_BYTES {
+        // A segment whose header was not completely written has no record in it.
+        return if last {
+            Ok(torn("the segment header is incomplete".into()))
+        } else {
+            Err(corrupt(0, "the segment header is incomplete".into()))
+        };
+    }
+    if bytes[..8] != SEGMENT_MAGIC {
+        return Err(corrupt(
+            0,
+            "not a TransDB log segment (wrong magic or format version)".into(),
+        ));
+    }
+    let first = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if first != segment.first {
+        return Err(corrupt(
+            8,
+            format!(
+                "the header says the segment starts at position {first}, its name says {}",
+                segment.first
+            ),
+        ));
+    }
+    let mut records = Vec::new();
+    let mut offset = SEGMENT_HEADER_BYTES;
+    let mut previous = after;
+    while offset < bytes.len() {
+        match parse_record(&bytes[offset..], previous, segment.first) {
+            Ok((record, length)) => {
+                previous = Some(record.position);
+                records.push(record);
+                offset += length;
+            }
+            Err(reason) => {
+                let valid_later = (offset + 1..bytes.len())
+                    .any(|later| parse_record(&bytes[later..], previous, segment.first).is_ok());
+                if !last || valid_later {
+                    let reason = if valid_later {
+                        format!("{reason}, and valid records follow")
+                    } else {
+                        format!("{reason}, in a segment that later segments follow")
+                    };
+                    return Err(corrupt(offset as u64, reason));
+                }
+                return Ok(SegmentContents {
+                    records,
+                    valid_bytes: offset as u64,
+                    torn_bytes: (bytes.len() - offset) as u64,
+                    torn_reason: Some(reason),
+                });
+            }
+        }
+    }
+    Ok(SegmentContents {
+        records,
+        valid_bytes: bytes.len() as u64,
+        torn_bytes: 0,
+        torn_reason: None,
+    })
+}
+
+/// Parses the record at the start of `bytes`; returns it and its length in bytes.
+fn parse_record(
+    bytes: &[u8],
+    previous: Option<Position>,
+    segment_first: Position,
+) -> Result<(Record, usize), String> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return Err(format!(
+            "a record header is cut short ({} of {RECORD_HEADER_BYTES} bytes)",
+            bytes.len()
+        ));
+    }
+    let length_field: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
+    let length = u32::from_le_bytes(length_field) as usize;
+    let stored = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    let position_field: [u8; 8] = bytes[8..16].try_into().expect("8 bytes");
+    let position = u64::from_le_bytes(position_field);
+    if length > MAX_RECORD_BYTES {
+        return Err(format!(
+            "a record claims {length} bytes, more than the largest ({MAX_RECORD_BYTES})"
+        ));
+    }
+    let Some(payload) = bytes.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + length) else {
+        return Err(format!(
+            "a record of {length} bytes is cut short ({} bytes left)",
+            bytes.len() - RECORD_HEADER_BYTES
+        ));
+    };
+    if checksum(&length_field, &position_field, payload) != stored {
+        return Err("a record fails its checksum".into());
+    }
+    if previous.is_some_and(|previous| position <= previous) || position < segment_first {
+        return Err(format!(
+            "a record's position {position} does not follow {}",
+            previous.map_or(segment_first.to_string(), |previous| previous.to_string())
+        ));
+    }
+    Ok((
+        Record {
+            position,
+            payload: payload.to_vec(),
+        },
+        RECORD_HEADER_BYTES + length,
+    ))
+}
+
+/// Where appending goes on after recovery.
+#[derive(Clone, Debug)]
+pub struct Tail {
+    /// The last segment and its valid length; `None` starts a new segment.
+    pub segment: Option<(PathBuf, u64)>,
+}
+
+/// The durable state of the log, as replies wait for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LogState {
+    /// Every position below this is durable (or was never logged).
+    durable: Position,
+    /// The log failed: nothing more becomes durable.
+    failed: bool,
+}
+
+/// The command log could not make a transaction durable.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("the command log failed: {0}")]
+pub struct LogFailed(pub String);
+
+/// The command log of a running server. See the module documentation.
+pub struct CommandLog {
+    shared: Arc<Shared>,
+    state: watch::Receiver<LogState>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    state: watch::Sender<LogState>,
+    durability: Durability,
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Bytes appended and not yet written.
+    unwritten: AtomicUsize,
+    failure: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// The position of the first record in `bytes`.
+    first: Option<Position>,
+    /// Every position below this has been appended (or was never to be logged).
+    next: Position,
+    closing: bool,
+}
+
+impl CommandLog {
+    /// Opens the log in `dir` for appending after `tail` (what recovery left), with
+    /// positions from `next` on, and starts its thread.
+    ///
+    /// # Errors
+    /// If the last segment cannot be opened.
+    pub fn open(
+        dir: &Path,
+        tail: Tail,
+        next: Position,
+        durability: Durability,
+        segment_bytes: u64,
+    ) -> io::Result<CommandLog> {
+        assert!(
+            durability != Durability::None,
+            "with --durability none there is no log"
+        );
+        fs::create_dir_all(dir)?;
+        let current = match tail.segment {
+            Some((path, length)) => {
+                let file = OpenOptions::new().append(true).open(&path)?;
+                Some((file, length))
+            }
+            None => None,
+        };
+        let initial = LogState {
+            durable: next,
+            failed: false,
+        };
+        let (sender, receiver) = watch::channel(initial);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                next,
+                ..Pending::default()
+            }),
+            wake: Condvar::new(),
+            state: sender,
+            durability,
+            dir: dir.to_owned(),
+            segment_bytes: segment_bytes.max(SEGMENT_HEADER_BYTES as u64 + 1),
+            unwritten: AtomicUsize::new(0),
+            failure: Mutex::new(None),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("transdb-log".into())
+                .spawn(move || {
+                    let mut writer = Writer {
+                        shared: &shared,
+                        current,
+                        written: next,
+                    };
+                    if let Err(error) = writer.run() {
+                        shared.fail(format!("{error}"));
+                    }
+                })?
+        };
+        Ok(CommandLog {
+            shared,
+            state: receiver,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Appends the records of one batch (`(position, command)`, in position order) and
+    /// notes that every position below `next` has been handed on. Called by the
+    /// sequencer's leader only, batch after batch.
+    pub fn append(&self, records: &[(Position, Vec<u8>)], next: Position) {
+        let mut pending = self.shared.pending.lock();
+        let before = pending.bytes.len();
+        for (position, payload) in records {
+            pending.first.get_or_insert(*position);
+            encode_record(*position, payload, &mut pending.bytes);
+        }
+        pending.next = next;
+        let added = pending.bytes.len() - before;
+        drop(pending);
+        self.shared.unwritten.fetch_add(added, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether new transactions may be ordered: the log has not failed, and is not too far
+    /// behind.
+    ///
+    /// # Errors
+    /// [`Refusal`] saying which.
+    pub fn admit(&self) -> Result<(), Refusal> {
+        if let Some(failure) = self.failure() {
+            return Err(Refusal::Failed(failure));
+        }
+        let unwritten = self.shared.unwritten.load(Ordering::Relaxed);
+        if unwritten >= MAX_UNWRITTEN_BYTES {
+            return Err(Refusal::Behind { unwritten });
+        }
+        Ok(())
+    }
+
+    /// Why the log failed, if it did.
+    pub fn failure(&self) -> Option<LogFailed> {
+        self.shared.failure.lock().clone().map(LogFailed)
+    }
+
+    /// The durability mode.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// Waits until every position below `end` is durable — in [`Durability::Async`], only
+    /// checks that the log has not failed.
+    ///
+    /// # Errors
+    /// If the log failed before that.
+    pub async fn wait_durable(&self, end: Position) -> Result<(), LogFailed> {
+        if let Durability::Async { .. } = self.shared.durability {
+            return match self.failure() {
+                Some(failure) => Err(failure),
+                None => Ok(()),
+            };
+        }
+        let mut state = self.state.clone();
+        let reached = state
+            .wait_for(|state| state.durable >= end || state.failed)
+            .await
+            .map(|state| state.durable >= end)
+            .unwrap_or(false);
+        if reached {
+            Ok(())
+        } else {
+            Err(self
+                .failure()
+                .unwrap_or_else(|| LogFailed("the log stopped".into())))
+        }
+    }
+
+    /// Every position below this is durable.
+    pub fn durable(&self) -> Position {
+        self.state.borrow().durable
+    }
+
+    /// Writes and fsyncs everything appended, then stops the log thread. Idempotent.
+    pub fn close(&self) {
+        self.shared.pending.lock().closing = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+}
+
+impl Drop for CommandLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Why the log refuses new transactions.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// It failed.
+    Failed(LogFailed),
+    /// This many bytes wait to be written.
+    Behind {
+        /// The bytes.
+        unwritten: usize,
+    },
+}
+
+impl Shared {
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "the command log failed: refusing every transaction from now on; restart the server to recover what is durable");
+        *self.failure.lock() = Some(reason);
+        self.state.send_modify(|state| state.failed = true);
+    }
+}
+
+/// The log thread's state.
+struct Writer<'a> {
+    shared: &'a Shared,
+    /// The segment being appended to and its length.
+    current: Option<(File, u64)>,
+    /// Every position below this has been written (if it was logged).
+    written: Position,
+}
+
+impl Writer<'_> {
+    fn run(&mut self) -> io::Result<()> {
+        let interval = match self.shared.durability {
+            Durability::Async { interval } => Some(interval),
+            _ => None,
+        };
+        let mut dirty = false;
+        let mut last_sync = Instant::now();
+        loop {
+            let (bytes, first, next, closing) = {
+                let mut pending = self.shared.pending.lock();
+                loop {
+                    if !pending.bytes.is_empty() || pending.next > self.written || pending.closing {
+                        break;
+                    }
+                    match interval {
+                        Some(interval) if dirty => {
+                            let left = interval.saturating_sub(last_sync.elapsed());
+                            if left.is_zero()
+                                || self.shared.wake.wait_for(&mut pending, left).timed_out()
+                            {
+                                break;
+                            }
+                        }
+                        _ => self.shared.wake.wait(&mut pending),
+                    }
+                }
+                (
+                    std::mem::take(&mut pending.bytes),
+                    pending.first.take(),
+                    pending.next,
+                    pending.closing,
+                )
+            };
+            if !bytes.is_empty() {
+                self.write(&bytes, first.expect("records have a first position"))?;
+                self.shared
+                    .unwritten
+                    .fetch_sub(bytes.len(), Ordering::Relaxed);
+                dirty = true;
+            }
+            self.written = next;
+            let sync_now = match interval {
+                None => dirty,
+                Some(interval) => dirty && (closing || last_sync.elapsed() >= interval),
+            };
+            if sync_now {
+                self.sync()?;
+                dirty = false;
+                last_sync = Instant::now();
+            }
+            if !dirty {
+                self.shared.state.send_modify(|state| state.durable = next);
+            }
+            if closing {
+                let pending = self.shared.pending.lock();
+                if pending.bytes.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8], first: Position) -> io::Result<()> {
+        let rotate = match &self.current {
+            None => true,
+            Some((_, length)) => *length >= self.shared.segment_bytes,
+        };
+        if rotate {
+            if self.current.is_some() {
+                self.sync()?;
+            }
+            self.current = Some((self.create_segment(first)?, SEGMENT_HEADER_BYTES as u64));
+        }
+        let (file, length) = self.current.as_mut().expect("a segment is open");
+        fail::fail_point!("log-write", |_| Err(io::Error::other(
+            "injected fault at log-write"
+        )));
+        file.write_all(bytes)?;
+        *length += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        fail::fail_point!("log-fsync", |_| Err(io::Error::other(
+            "injected fault at log-fsync"
+        )));
+        if let Some((file, _)) = &self.current {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Creates the segment starting at `first`: header written, file and directory fsynced.
+    fn create_segment(&self, first: Position) -> io::Result<File> {
+        fail::fail_point!("log-create-segment", |_| Err(io::Error::other(
+            "injected fault at log-create-segment"
+        )));
+        let path = self.shared.dir.join(segment_name(first));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        header[..8].copy_from_slice(&SEGMENT_MAGIC);
+        header[8..].copy_from_slice(&first.to_le_bytes());
+        file.write_all(&header)?;
+        file.sync_all()?;
+        sync_dir(&self.shared.dir)?;
+        tracing::debug!(path = %path.display(), "new log segment");
+        Ok(file)
+    }
+}
+
+/// Fsyncs a directory, so that the names created or renamed in it are durable.
+///
+/// # Errors
+/// If the directory cannot be opened or synced.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fail::fail_point!("sync-dir", |_| Err(io::Error::other(
+        "injected fault at sync-dir"
+    )));
+    File::open(dir)?.sync_all()
+}
+
+/// Removes (or, with `archive`, moves there) every segment in `dir` whose records are all
+/// below `position`: every segment but the last whose successor starts at or below it.
+/// Returns how many.
+///
+/// # Errors
+/// If a segment cannot be removed or moved.
+pub fn truncate_before(
+    dir: &Path,
+    position: Position,
+    archive: Option<&Path>,
+) -> io::Result<usize> {
+    let segments = segments(dir)?;
+    let mut removed = 0;
+    for pair in segments.windows(2) {
+        if pair[1].first > position {
+            break;
+        }
+        match archive {
+            Some(archive) => {
+                fs::create_dir_all(archive)?;
+                let target = archive.join(pair[0].path.file_name().expect("a segment file"));
+                if fs::rename(&pair[0].path, &target).is_err() {
+                    // Another file system: copy, sync, then remove.
+                    fs::copy(&pair[0].path, &target)?;
+                    File::open(&target)?.sync_all()?;
+                    fs::remove_file(&pair[0].path)?;
+                }
+                sync_dir(archive)?;
+            }
+            None => fs::remove_file(&pair[0].path)?,
+        }
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// Bytes of all segments in `dir`.
+pub fn size(dir: &Path) -> u64 {
+    segments(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|segment| fs::metadata(&segment.path).ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment_bytes(first: Position, records: &[(Position, &[u8])]) -> Vec<u8> {
+        let mut bytes = SEGMENT_MAGIC.to_vec();
+        bytes.extend_from_slice(&first.to_le_bytes());
+        for (position, payload) in records {
+            encode_record(*position, payload, &mut bytes);
+        }
+        bytes
+    }
+
+    fn segment(first: Position) -> Segment {
+        Segment {
+            path: PathBuf::from(segment_name(first)),
+            first,
+        }
+    }
+
+    #[test]
+    fn records_read_back_in_order() {
+        let bytes = segment_bytes(5, &[(5, b"a"), (7, b""), (9, b"ccc")]);
+        let contents = read_segment(&segment(5), &bytes, None, true).unwrap();
+        let positions: Vec<_> = contents.records.iter().map(|r| r.position).collect();
+        assert_eq!(positions, [5, 7, 9]);
+        assert_eq!(contents.records[2].payload, b"ccc");
+        assert_eq!(contents.valid_bytes, bytes.len() as u64);
+        assert_eq!(contents.torn_bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_byte() {
+        let full = segment_bytes(0, &[(0, b"first"), (1, b"second"), (2, b"third")]);
+        let two = segment_bytes(0, &[(0, b"first"), (1, b"second")]).len();
+        for cut in two..full.len() {
+            let contents = read_segment(&segment(0), &full[..cut], None, true).unwrap();
+            assert_eq!(contents.records.len(), 2, "cut at {cut}");
+            assert_eq!(contents.valid_bytes, two as u64);
+            assert_eq!(contents.torn_bytes, (cut - two) as u64);
+        }
+    }
+
+    #[test]
+    fn damage_before_valid_records_is_an_error() {
+        let mut bytes = segment_bytes(0, &[(0, b"first"), (1, b"second"), (2, b"third")]);
+        bytes[SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES] ^= 1; // the first payload
+        let error = read_segment(&segment(0), &bytes, None, true).unwrap_err();
+        assert_eq!(error.offset, SEGMENT_HEADER_BYTES as u64);
+        assert!(
+            error.to_string().contains("valid records follow"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn positions_must_advance() {
+        let bytes = segment_bytes(0, &[(3, b"a"), (3, b"b")]);
+        let contents = read_segment(&segment(0), &bytes, None, true).unwrap();
+        assert_eq!(contents.records.len(), 1);
+        assert!(contents.torn_reason.unwrap().contains("does not follow"));
+        assert!(read_segment(&segment(0), &bytes, None, false).is_err());
+    }
+}
