@@ -146,7 +146,7 @@ fn cli_errors_say_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_server_keeps_its_certificate_and_clients_reconnect() {
+async fn a_restarted_server_keeps_its_certificate_and_data_and_clients_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = ChildServer::start(dir.path(), "127.0.0.1:0", &[]);
     let addr = server.addr;
@@ -179,8 +179,8 @@ async fn a_restarted_server_keeps_its_certificate_and_clients_reconnect() {
     );
     // The same client, trusting the original certificate, reconnects by itself.
     client.ping().await.unwrap();
-    // The store is in memory only (durability arrives with the command log).
-    assert_eq!(client.get("k").await.unwrap(), None);
+    // The acknowledged write was recovered from the command log.
+    assert_eq!(client.get("k").await.unwrap().as_deref(), Some(b"v".as_slice()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use transdb_client::{Client, ClientConfig, Error};
+use transdb_host::cli::DurabilityArg;
+use transdb_host::log::Durability;
 use transdb_host::{Server, ServerConfig};
 use transdb_procedures_bank::{Accounts, Open, Transfer};
 use transdb_proto::ErrorCode;
@@ -50,7 +52,16 @@ struct Args {
     /// Stop a server the app started once the run is over, instead of keeping it running.
     #[arg(long)]
     exit: bool,
+    /// Durability of the server the app starts itself (without --server).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
+    durability: DurabilityArg,
+    /// Data directory of the server the app starts itself (without --server).
+    #[arg(long, default_value = transdb_host::config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
 }
+
+/// Accounts opened concurrently while setting up.
+const OPENING_CONCURRENCY: usize = 64;
 
 /// Tasks per QUIC connection: one connection carries many concurrent requests.
 const CLIENTS_PER_CONNECTION: usize = 10;
@@ -86,14 +97,23 @@ async fn run(args: Args) -> Result<()> {
                 .with_env_filter("warn")
                 .with_writer(std::io::stderr)
                 .init();
-            let mut config = ServerConfig::new(transdb_host::config::DEFAULT_DATA_DIR);
+            let mut config = ServerConfig::new(&args.data_dir);
             config.listen = args.listen;
+            config.durability = match args.durability {
+                DurabilityArg::Sync => Durability::Sync,
+                DurabilityArg::Async => Durability::Async {
+                    interval: transdb_host::log::DEFAULT_FSYNC_INTERVAL,
+                },
+                DurabilityArg::None => Durability::None,
+            };
             let server = Server::start(config)
                 .await
                 .context("cannot start a server (is one already running here? then pass --server 127.0.0.1:7878)")?;
             println!(
-                "started a TransDB server on {} (data in ./transdb-data)",
-                server.local_addr()
+                "started a TransDB server on {} (data in {}, --durability {:?})",
+                server.local_addr(),
+                args.data_dir.display(),
+                args.durability
             );
             let (addr, ca) = (
                 server.local_addr().to_string(),
@@ -155,25 +175,27 @@ async fn run(args: Args) -> Result<()> {
 
 async fn open_accounts(client: &Client, names: &[String], balance: i64) -> Result<()> {
     let mut existing = 0;
-    for name in names {
-        match client
-            .call::<_, ()>(
-                "bank",
-                "open",
-                &Open {
-                    account: name.clone(),
-                    balance,
-                },
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(Error::Rejected(error))
-                if error.code == ErrorCode::ABORTED && error.message.contains("already exists") =>
-            {
-                existing += 1;
+    for chunk in names.chunks(OPENING_CONCURRENCY) {
+        let mut opening = tokio::task::JoinSet::new();
+        for name in chunk {
+            let (client, account) = (client.clone(), name.clone());
+            opening.spawn(async move {
+                client
+                    .call::<_, ()>("bank", "open", &Open { account, balance })
+                    .await
+            });
+        }
+        while let Some(opened) = opening.join_next().await {
+            match opened? {
+                Ok(()) => {}
+                Err(Error::Rejected(error))
+                    if error.code == ErrorCode::ABORTED
+                        && error.message.contains("already exists") =>
+                {
+                    existing += 1;
+                }
+                Err(error) => return Err(error.into()),
             }
-            Err(error) => return Err(error.into()),
         }
     }
     if existing > 0 {
