@@ -21,6 +21,7 @@ use transdb_host::runtime::{Runtime, RuntimeLimits};
 use transdb_host::store::Store;
 use transdb_proto::message::Encoding;
 
+#[allow(dead_code)] // the shared driver is for the throughput benchmarks
 mod harness;
 
 #[derive(serde::Serialize)]
@@ -34,11 +35,6 @@ struct Transfer<'a> {
 struct Open<'a> {
     account: &'a str,
     balance: i64,
-}
-
-#[derive(serde::Serialize)]
-struct Accounts<'a> {
-    accounts: &'a [String],
 }
 
 fn main() {
@@ -75,7 +71,7 @@ fn main() {
     let started = Instant::now();
     let log = CommandLog::open(
         &dir.path().join(LOG_DIR),
-        Tail { segment: None },
+        Tail::default(),
         0,
         Durability::Async {
             interval: std::time::Duration::from_secs(1),
@@ -125,11 +121,10 @@ fn main() {
         .unwrap();
         batch.push((position, call("transfer", args)));
         if batch.len() == 1024 {
-            log.append(&batch, position + 1);
-            batch.clear();
+            log.append(std::mem::take(&mut batch), position + 1);
         }
     }
-    log.append(&batch, position + 1);
+    log.append(batch, position + 1);
     log.close();
     let log_bytes = transdb_host::log::size(&dir.path().join(LOG_DIR));
     println!(
@@ -169,24 +164,14 @@ fn main() {
         log_bytes as f64 / 1e6 / seconds,
     );
 
-    let total: i64 = {
-        let args = postcard::to_allocvec(&Accounts { accounts: &names }).unwrap();
-        let mut out = Vec::new();
-        runtime.block_on(executor.execute(
-            transdb_proto::Request::Call {
-                module: "bank".into(),
-                procedure: "total".into(),
-                encoding: Encoding::Postcard,
-                args: args.into(),
-            },
-            &mut out,
-        ));
-        let (payload, _) = transdb_proto::frame::split(&out).unwrap().unwrap();
-        match transdb_proto::frame::decode::<transdb_proto::Response<'_>>(payload).unwrap() {
-            transdb_proto::Response::Output(output) => postcard::from_bytes(&output).unwrap(),
-            other => panic!("total: {other:?}"),
-        }
-    };
+    // Balances are plain keys holding decimal text.
+    let total: i64 = names
+        .iter()
+        .map(|name| {
+            let value = executor.store.get(&format!("account:{name}")).unwrap();
+            std::str::from_utf8(&value).unwrap().parse::<i64>().unwrap()
+        })
+        .sum();
     assert_eq!(
         total,
         accounts as i64 * 1_000,

@@ -46,7 +46,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a server (stops gracefully on SIGINT/SIGTERM).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Set KEY to VALUE; `-` as VALUE reads the raw bytes from stdin.
     Put {
         /// The key (UTF-8, at most 1024 bytes).
@@ -226,7 +226,7 @@ pub struct ServeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Restore {
             ref from,
             ref data_dir,

@@ -383,6 +383,15 @@ async fn capture(executor: &Executor) -> CheckpointData {
     }
 }
 
+/// After the log failed, memory may hold effects that were never made durable (answered
+/// `DURABILITY_FAILED`): a checkpoint must not make them durable behind the clients' backs.
+fn refuse_after_log_failure(executor: &Executor) -> Result<(), ErrorResponse> {
+    match executor.scheduler.log().and_then(|log| log.failure()) {
+        Some(failed) => Err(crate::executor::log_failed_earlier(&failed)),
+        None => Ok(()),
+    }
+}
+
 fn not_durable() -> ErrorResponse {
     ErrorResponse::new(
         ErrorCode::NOT_DURABLE,
@@ -406,6 +415,7 @@ fn io_error(what: &str, error: impl std::fmt::Display) -> ErrorResponse {
 /// `NOT_DURABLE` without a data directory; `INTERNAL` if the checkpoint cannot be written.
 pub async fn checkpoint(executor: &Executor) -> Result<CheckpointInfo, ErrorResponse> {
     let persistence = executor.persistence().ok_or_else(not_durable)?;
+    refuse_after_log_failure(executor)?;
     let _one_at_a_time = persistence.checkpointing.lock().await;
     let started = Instant::now();
     let data = capture(executor).await;
@@ -449,6 +459,7 @@ pub async fn checkpoint(executor: &Executor) -> Result<CheckpointInfo, ErrorResp
 /// `INTERNAL` if it cannot be written.
 pub async fn backup(executor: &Executor, dir: &Path) -> Result<CheckpointInfo, ErrorResponse> {
     let persistence = executor.persistence().ok_or_else(not_durable)?;
+    refuse_after_log_failure(executor)?;
     let nonempty = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
     if nonempty || (dir.exists() && !dir.is_dir()) {
         return Err(ErrorResponse::new(
@@ -566,6 +577,13 @@ pub async fn recover(
         next: 0,
         elapsed: Duration::ZERO,
     };
+    // What a crash or a failed checkpoint left half-written: never used, never needed.
+    for dir in [
+        persistence.checkpoint_dir(),
+        persistence.data_dir.join(MODULE_DIR),
+    ] {
+        remove_temp_files(&dir)?;
+    }
     if let Some((_, path)) = checkpoints(&persistence.checkpoint_dir())?.pop() {
         let data = tokio::task::spawn_blocking(move || read_checkpoint(&path)).await??;
         for (name, digest) in data.modules {
@@ -596,14 +614,25 @@ pub async fn recover(
     let segments = log::segments(&log_dir)
         .with_context(|| format!("cannot read the log directory {}", log_dir.display()))?;
     let mut last = None;
-    let mut tail = Tail { segment: None };
+    let mut tail = Tail::default();
     for (index, segment) in segments.iter().enumerate() {
         let bytes = fs::read(&segment.path)
             .with_context(|| format!("cannot read {}", segment.path.display()))?;
         let is_last = index + 1 == segments.len();
         let contents = log::read_segment(segment, &bytes, last, is_last)?;
         drop(bytes);
-        for record in contents.records {
+        if index == 0
+            && let Some(previous) = contents.header.and_then(|header| header.previous)
+            && previous >= from
+        {
+            bail!(
+                "the command log is damaged in the middle: its first segment {} follows records up to position {previous}, \
+                 but no segment holds them and the checkpoint covers only the positions below {from}: segments are missing. \
+                 Restore the data directory from a backup (`transdb restore`)",
+                segment.path.display()
+            );
+        }
+        for record in contents.records.iter() {
             last = Some(record.position);
             if record.position < from {
                 continue;
@@ -622,17 +651,24 @@ pub async fn recover(
                 "cut a torn tail off the command log (a crash during a write; nothing in it was acknowledged in sync mode)"
             );
             recovery.torn_bytes = contents.torn_bytes;
-            if contents.valid_bytes == 0 {
+        }
+        let Some(header) = contents.header.filter(|_| !contents.records.is_empty()) else {
+            if is_last {
+                // Created by a crash-interrupted rotation: nothing in it was durable.
+                // Appending goes on in the segment before (or a new one).
                 fs::remove_file(&segment.path)?;
                 sync_dir(&log_dir)?;
-                continue;
             }
+            continue;
+        };
+        if contents.torn_bytes > 0 {
             let file = fs::OpenOptions::new().write(true).open(&segment.path)?;
             file.set_len(contents.valid_bytes)?;
             file.sync_all()?;
         }
-        tail.segment = Some((segment.path.clone(), contents.valid_bytes));
+        tail.segment = Some((segment.path.clone(), contents.valid_bytes, header.salt));
     }
+    tail.last = last;
     let next = executor
         .scheduler
         .next_position()
@@ -644,6 +680,23 @@ pub async fn recover(
     recovery.next = next;
     recovery.elapsed = started.elapsed();
     Ok(recovery)
+}
+
+/// Removes the `*.tmp` files of [`write_durably`] from `dir`.
+fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|extension| extension == "tmp") {
+            tracing::info!(path = %path.display(), "removing a half-written file");
+            fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -222,7 +222,15 @@ impl Executor {
         self.scheduler.advance_to(position);
         let mut out = Vec::new();
         match command {
-            LogCommand::Request(request) => self.execute(request, &mut out).await,
+            LogCommand::Request(
+                request @ (Request::Put { .. } | Request::Delete { .. } | Request::Batch { .. }),
+            ) => self.execute(request, &mut out).await,
+            LogCommand::Request(other) => {
+                return Err(format!(
+                    "the command logged at position {position} is a {} request, which is never logged: the log was not written by this version of TransDB",
+                    other.kind()
+                ));
+            }
             LogCommand::Commit(plan) => self.commit(plan, &mut out).await,
             LogCommand::Call {
                 module,
@@ -263,7 +271,7 @@ impl Executor {
                     return Err("a deploy is logged but the server keeps no module store".into());
                 };
                 let bytes = persistence.modules.load(&version).map_err(|error| {
-                    format!("the module {name:?} deployed at position {position} is missing from the module store: {error}")
+                    format!("the module {name:?} deployed at position {position} is missing from the module store or damaged: {error}. Restore the data directory from a backup (`transdb restore`)")
                 })?;
                 let procedures = self.procedures.clone();
                 let compiled =
@@ -308,7 +316,7 @@ impl Executor {
                 let snapshot = self.scheduler.snapshot().await;
                 // What the snapshot shows must be durable before anything is read from it.
                 if let Err(failed) = self.durable(snapshot.position()).await {
-                    return encode(&Response::Error(durability_failed(&failed)), out);
+                    return encode(&Response::Error(log_failed_earlier(&failed)), out);
                 }
                 let transaction =
                     Interactive::new(self.store.clone(), snapshot, self.interactive_limits);
@@ -781,8 +789,25 @@ fn refused_error(refused: Refused) -> ErrorResponse {
                 crate::log::MAX_UNWRITTEN_BYTES
             ),
         ),
-        Refused::Log(Refusal::Failed(failed)) => durability_failed(&failed),
+        Refused::Log(Refusal::Failed(failed)) => log_failed_earlier(&failed),
+        Refused::Log(Refusal::TooLarge { bytes }) => ErrorResponse::new(
+            ErrorCode::TRANSACTION_TOO_LARGE,
+            format!(
+                "the transaction's input is {bytes} bytes, more than a command log record holds ({} bytes): nothing was done; split it into smaller transactions",
+                crate::log::MAX_RECORD_BYTES
+            ),
+        ),
     }
+}
+
+/// The answer to a request refused, before anything was done, because the log failed.
+pub(crate) fn log_failed_earlier(failed: &LogFailed) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorCode::DURABILITY_FAILED,
+        format!(
+            "{failed}. Nothing was done: the server refuses every transaction since then; restart it, which recovers everything that was made durable"
+        ),
+    )
 }
 
 fn durability_failed(failed: &LogFailed) -> ErrorResponse {

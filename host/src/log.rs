@@ -15,26 +15,37 @@
 //!
 //! `log/` holds segment files named by the position of their first record, zero-padded to
 //! 20 digits (`00000000000000001024.log`), so that name order is log order. A segment is
-//! a 16-byte header — the magic `TDBLOG` `0x00` `0x01` and the first position (`u64` LE) —
-//! followed by records:
+//! a 40-byte header followed by records:
 //!
 //! ```text
-//! u32 LE  payload length L (at most MAX_RECORD_BYTES)
-//! u32 LE  CRC32C of (the length field, the position field, the payload)
-//! u64 LE  position (strictly increasing through the log)
-//! L bytes payload: one postcard-encoded command (crate::executor::LogCommand)
+//! header  8 bytes magic "TDBLOG" 0x00 0x02
+//!         u64 LE  first position (the name's)
+//!         u64 LE  position of the last record of the segment before it (u64::MAX: none),
+//!                 so that a missing segment, or records missing at the end of one, show
+//!         u64 LE  salt: random per segment, the seed of its records' checksums, so that
+//!                 bytes a client wrote (a value holding a copy of a record) never read as
+//!                 a valid record of this segment
+//!         u32 LE  CRC32C of the 32 bytes before it; u32 zero
+//! record  u32 LE  payload length L (at most MAX_RECORD_BYTES)
+//!         u32 LE  CRC32C of (the salt, the length field, the position field, the payload)
+//!         u64 LE  position (strictly increasing through the log)
+//!         L bytes payload: one postcard-encoded command (crate::executor::LogCommand)
 //! ```
 //!
 //! A new segment is started once the current one reaches the segment size; its file and
-//! the directory are fsynced before records go in.
+//! the directory are fsynced before records go in. The log thread encodes the records, so
+//! the sequencer's leader only hands over what it ordered.
 //!
 //! # Damage
 //!
 //! Reading stops at the first record that is cut short, fails its checksum, or does not
 //! advance the position. If that is in the last segment and no valid record follows it,
 //! it is a torn tail (a crash during a write): the tail is cut, with a log line saying how
-//! many bytes were dropped. Otherwise the log is damaged in the middle and recovery stops
-//! with an error naming the file and offset: applying what follows would guess.
+//! many bytes were dropped; a last segment without a complete header (a crash while it was
+//! created) is removed. Anything else — damage in an earlier segment, valid records after
+//! the damage, a segment whose predecessor's last record is not the one found — is damage
+//! in the middle: recovery stops with an error naming the file and offset, since applying
+//! what follows would be a guess.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -50,9 +61,12 @@ use tokio::sync::watch;
 use crate::lock_manager::Position;
 
 /// The first eight bytes of a segment.
-pub const SEGMENT_MAGIC: [u8; 8] = *b"TDBLOG\x00\x01";
-/// Bytes of a segment's header: the magic and the first position.
-pub const SEGMENT_HEADER_BYTES: usize = 16;
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TDBLOG\x00\x02";
+/// Bytes of a segment's header: the magic, the first position, the previous segment's last
+/// position, the salt, a checksum of those and four zero bytes.
+pub const SEGMENT_HEADER_BYTES: usize = 40;
+/// The header's "previous" when no segment came before.
+pub const NO_PREVIOUS: Position = Position::MAX;
 /// Bytes of a record's header: length, checksum, position.
 pub const RECORD_HEADER_BYTES: usize = 16;
 /// Largest record payload. A command is at most one request frame plus its key set, far
@@ -94,23 +108,78 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// Appends one record to `out`.
+/// A segment's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The position its name says it starts at.
+    pub first: Position,
+    /// The position of the last record of the segment before it, if there was one.
+    pub previous: Option<Position>,
+    /// The seed of its records' checksums.
+    pub salt: u64,
+}
+
+impl SegmentHeader {
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut bytes = [0u8; SEGMENT_HEADER_BYTES];
+        bytes[..8].copy_from_slice(&SEGMENT_MAGIC);
+        bytes[8..16].copy_from_slice(&self.first.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.previous.unwrap_or(NO_PREVIOUS).to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.salt.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..32]);
+        bytes[32..36].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// The header at the start of `bytes`, or what is wrong with it.
+    fn decode(bytes: &[u8]) -> Result<SegmentHeader, &'static str> {
+        if bytes.len() < SEGMENT_HEADER_BYTES || bytes[..8] != SEGMENT_MAGIC {
+            return Err("not a TransDB log segment (wrong magic or format version)");
+        }
+        let stored = u32::from_le_bytes(bytes[32..36].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&bytes[..32]) != stored || bytes[36..40] != [0; 4] {
+            return Err("the segment header fails its checksum");
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        Ok(SegmentHeader {
+            first: u64_at(8),
+            previous: Some(u64_at(16)).filter(|&previous| previous != NO_PREVIOUS),
+            salt: u64_at(24),
+        })
+    }
+}
+
+/// A fresh random salt for a new segment.
+fn new_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// Appends one record of a segment whose salt is `salt` to `out`.
 ///
 /// # Panics
-/// If `payload` is longer than [`MAX_RECORD_BYTES`] (the executor never orders such a
-/// command).
-pub fn encode_record(position: Position, payload: &[u8], out: &mut Vec<u8>) {
+/// If `payload` is longer than [`MAX_RECORD_BYTES`] (the scheduler refuses such a command
+/// before ordering it).
+pub fn encode_record(salt: u64, position: Position, payload: &[u8], out: &mut Vec<u8>) {
     assert!(payload.len() <= MAX_RECORD_BYTES, "log record too large");
     let length = (payload.len() as u32).to_le_bytes();
     let position = position.to_le_bytes();
     out.extend_from_slice(&length);
-    out.extend_from_slice(&checksum(&length, &position, payload).to_le_bytes());
+    out.extend_from_slice(&checksum(salt, &length, &position, payload).to_le_bytes());
     out.extend_from_slice(&position);
     out.extend_from_slice(payload);
 }
 
-fn checksum(length: &[u8; 4], position: &[u8; 8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(length);
+fn checksum(salt: u64, length: &[u8; 4], position: &[u8; 8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&salt.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc, length);
     let crc = crc32c::crc32c_append(crc, position);
     crc32c::crc32c_append(crc, payload)
 }
@@ -159,6 +228,9 @@ pub fn segment_name(first: Position) -> String {
 /// What reading one segment found.
 #[derive(Debug)]
 pub struct SegmentContents {
+    /// Its header; `None` for a last segment whose header was never completely written
+    /// (then it holds nothing and is all torn).
+    pub header: Option<SegmentHeader>,
     /// Its valid records, in order.
     pub records: Vec<Record>,
     /// Bytes of the file that are valid (header and records).
@@ -188,8 +260,9 @@ pub struct Corrupt {
 }
 
 /// Reads a segment's bytes. `after` is the position of the last record of the segments
-/// before it (records must come after it); `last` says whether it is the last segment, the
-/// only one that may have a torn tail.
+/// before it (its header must name it; `None` for the first segment read, whose
+/// predecessor the caller checks); `last` says whether it is the last segment, the only one
+/// that may have a torn tail.
 ///
 /// # Errors
 /// [`Corrupt`] if it is damaged anywhere but in a torn tail of the last segment.
@@ -209,49 +282,61 @@ pub fn read_segment(
         offset,
         reason,
     };
-    let torn = |reason: String| SegmentContents {
-        records: Vec::new(),
-        valid_bytes: 0,
-        torn_bytes: bytes.len() as u64,
-        torn_reason: Some(reason),
-    };
-    if bytes.len() < SEGMENT_HEADER_BYTES {
-        // A segment whose header was not completely written has no record in it.
+    // A crash while the segment was created leaves a header cut short, or zeros where the
+    // file system allocated but never wrote it: nothing was in it yet.
+    let unwritten_header =
+        bytes.len() < SEGMENT_HEADER_BYTES || bytes.iter().all(|&byte| byte == 0);
+    if unwritten_header {
         return if last {
-            Ok(torn("the segment header is incomplete".into()))
+            Ok(SegmentContents {
+                header: None,
+                records: Vec::new(),
+                valid_bytes: 0,
+                torn_bytes: bytes.len() as u64,
+                torn_reason: Some("the segment's header was never completely written".into()),
+            })
         } else {
             Err(corrupt(0, "the segment header is incomplete".into()))
         };
     }
-    if bytes[..8] != SEGMENT_MAGIC {
-        return Err(corrupt(
-            0,
-            "not a TransDB log segment (wrong magic or format version)".into(),
-        ));
-    }
-    let first = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    if first != segment.first {
+    let header = SegmentHeader::decode(bytes).map_err(|reason| corrupt(0, reason.into()))?;
+    if header.first != segment.first {
         return Err(corrupt(
             8,
             format!(
-                "the header says the segment starts at position {first}, its name says {}",
-                segment.first
+                "the header says the segment starts at position {}, its name says {}",
+                header.first, segment.first
             ),
         ));
     }
+    if after.is_some() && header.previous != after {
+        let name = |position: Option<Position>| {
+            position.map_or("no position".to_string(), |position| position.to_string())
+        };
+        return Err(corrupt(
+            16,
+            format!(
+                "the segment follows one whose last record is at {}, but the last record found before it is at {} (records or a segment are missing)",
+                name(header.previous),
+                name(after),
+            ),
+        ));
+    }
+    let salt = header.salt;
     let mut records = Vec::new();
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut previous = after;
     while offset < bytes.len() {
-        match parse_record(&bytes[offset..], previous, segment.first) {
+        match parse_record(&bytes[offset..], salt, previous, segment.first) {
             Ok((record, length)) => {
                 previous = Some(record.position);
                 records.push(record);
                 offset += length;
             }
             Err(reason) => {
-                let valid_later = (offset + 1..bytes.len())
-                    .any(|later| parse_record(&bytes[later..], previous, segment.first).is_ok());
+                let valid_later = (offset + 1..bytes.len()).any(|later| {
+                    parse_record(&bytes[later..], salt, previous, segment.first).is_ok()
+                });
                 if !last || valid_later {
                     let reason = if valid_later {
                         format!("{reason}, and valid records follow")
@@ -261,6 +346,7 @@ pub fn read_segment(
                     return Err(corrupt(offset as u64, reason));
                 }
                 return Ok(SegmentContents {
+                    header: Some(header),
                     records,
                     valid_bytes: offset as u64,
                     torn_bytes: (bytes.len() - offset) as u64,
@@ -270,6 +356,7 @@ pub fn read_segment(
         }
     }
     Ok(SegmentContents {
+        header: Some(header),
         records,
         valid_bytes: bytes.len() as u64,
         torn_bytes: 0,
@@ -280,6 +367,7 @@ pub fn read_segment(
 /// Parses the record at the start of `bytes`; returns it and its length in bytes.
 fn parse_record(
     bytes: &[u8],
+    salt: u64,
     previous: Option<Position>,
     segment_first: Position,
 ) -> Result<(Record, usize), String> {
@@ -305,7 +393,7 @@ fn parse_record(
             bytes.len() - RECORD_HEADER_BYTES
         ));
     };
-    if checksum(&length_field, &position_field, payload) != stored {
+    if checksum(salt, &length_field, &position_field, payload) != stored {
         return Err("a record fails its checksum".into());
     }
     if previous.is_some_and(|previous| position <= previous) || position < segment_first {
@@ -324,10 +412,13 @@ fn parse_record(
 }
 
 /// Where appending goes on after recovery.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Tail {
-    /// The last segment and its valid length; `None` starts a new segment.
-    pub segment: Option<(PathBuf, u64)>,
+    /// The last segment, its valid length and its salt; `None` starts a new segment.
+    pub segment: Option<(PathBuf, u64, u64)>,
+    /// The position of the last record in the log, if any (the next segment's header
+    /// names it).
+    pub last: Option<Position>,
 }
 
 /// The durable state of the log, as replies wait for it.
@@ -365,9 +456,8 @@ struct Shared {
 
 #[derive(Default)]
 struct Pending {
-    bytes: Vec<u8>,
-    /// The position of the first record in `bytes`.
-    first: Option<Position>,
+    /// Records appended and not yet taken by the log thread, in position order.
+    records: Vec<(Position, Vec<u8>)>,
     /// Every position below this has been appended (or was never to be logged).
     next: Position,
     closing: bool,
@@ -392,9 +482,9 @@ impl CommandLog {
         );
         fs::create_dir_all(dir)?;
         let current = match tail.segment {
-            Some((path, length)) => {
+            Some((path, length, salt)) => {
                 let file = OpenOptions::new().append(true).open(&path)?;
-                Some((file, length))
+                Some(Current { file, length, salt })
             }
             None => None,
         };
@@ -425,6 +515,8 @@ impl CommandLog {
                         shared: &shared,
                         current,
                         written: next,
+                        last: tail.last,
+                        buffer: Vec::new(),
                     };
                     if let Err(error) = writer.run() {
                         shared.fail(format!("{error}"));
@@ -441,15 +533,18 @@ impl CommandLog {
     /// Appends the records of one batch (`(position, command)`, in position order) and
     /// notes that every position below `next` has been handed on. Called by the
     /// sequencer's leader only, batch after batch.
-    pub fn append(&self, records: &[(Position, Vec<u8>)], next: Position) {
+    pub fn append(&self, records: Vec<(Position, Vec<u8>)>, next: Position) {
+        let added: usize = records
+            .iter()
+            .map(|(_, payload)| RECORD_HEADER_BYTES + payload.len())
+            .sum();
         let mut pending = self.shared.pending.lock();
-        let before = pending.bytes.len();
-        for (position, payload) in records {
-            pending.first.get_or_insert(*position);
-            encode_record(*position, payload, &mut pending.bytes);
+        if pending.records.is_empty() {
+            pending.records = records;
+        } else {
+            pending.records.extend(records);
         }
         pending.next = next;
-        let added = pending.bytes.len() - before;
         drop(pending);
         self.shared.unwritten.fetch_add(added, Ordering::Relaxed);
         self.shared.wake.notify_one();
@@ -544,6 +639,11 @@ pub enum Refusal {
         /// The bytes.
         unwritten: usize,
     },
+    /// The transaction's command is longer than [`MAX_RECORD_BYTES`].
+    TooLarge {
+        /// Its length.
+        bytes: usize,
+    },
 }
 
 impl Shared {
@@ -557,10 +657,22 @@ impl Shared {
 /// The log thread's state.
 struct Writer<'a> {
     shared: &'a Shared,
-    /// The segment being appended to and its length.
-    current: Option<(File, u64)>,
+    /// The segment being appended to.
+    current: Option<Current>,
     /// Every position below this has been written (if it was logged).
     written: Position,
+    /// The position of the last record written.
+    last: Option<Position>,
+    /// Encoded records not yet written to the current segment.
+    buffer: Vec<u8>,
+}
+
+/// The segment being appended to.
+struct Current {
+    file: File,
+    /// Its length, with what is in the writer's buffer.
+    length: u64,
+    salt: u64,
 }
 
 impl Writer<'_> {
@@ -572,10 +684,11 @@ impl Writer<'_> {
         let mut dirty = false;
         let mut last_sync = Instant::now();
         loop {
-            let (bytes, first, next, closing) = {
+            let (records, next, closing) = {
                 let mut pending = self.shared.pending.lock();
                 loop {
-                    if !pending.bytes.is_empty() || pending.next > self.written || pending.closing {
+                    if !pending.records.is_empty() || pending.next > self.written || pending.closing
+                    {
                         break;
                     }
                     match interval {
@@ -591,17 +704,14 @@ impl Writer<'_> {
                     }
                 }
                 (
-                    std::mem::take(&mut pending.bytes),
-                    pending.first.take(),
+                    std::mem::take(&mut pending.records),
                     pending.next,
                     pending.closing,
                 )
             };
-            if !bytes.is_empty() {
-                self.write(&bytes, first.expect("records have a first position"))?;
-                self.shared
-                    .unwritten
-                    .fetch_sub(bytes.len(), Ordering::Relaxed);
+            if !records.is_empty() {
+                let bytes = self.write(&records)?;
+                self.shared.unwritten.fetch_sub(bytes, Ordering::Relaxed);
                 dirty = true;
             }
             self.written = next;
@@ -617,32 +727,50 @@ impl Writer<'_> {
             if !dirty {
                 self.shared.state.send_modify(|state| state.durable = next);
             }
-            if closing {
-                let pending = self.shared.pending.lock();
-                if pending.bytes.is_empty() {
-                    return Ok(());
-                }
+            if closing && self.shared.pending.lock().records.is_empty() {
+                return Ok(());
             }
         }
     }
 
-    fn write(&mut self, bytes: &[u8], first: Position) -> io::Result<()> {
-        let rotate = match &self.current {
-            None => true,
-            Some((_, length)) => *length >= self.shared.segment_bytes,
-        };
-        if rotate {
-            if self.current.is_some() {
-                self.sync()?;
+    /// Encodes and writes `records`, starting new segments as they fill up; returns the
+    /// bytes they took.
+    fn write(&mut self, records: &[(Position, Vec<u8>)]) -> io::Result<usize> {
+        let mut bytes = 0;
+        for (position, payload) in records {
+            let full = self
+                .current
+                .as_ref()
+                .is_none_or(|current| current.length >= self.shared.segment_bytes);
+            if full {
+                self.flush()?;
+                if self.current.is_some() {
+                    self.sync()?;
+                }
+                self.current = Some(self.create_segment(*position)?);
             }
-            self.current = Some((self.create_segment(first)?, SEGMENT_HEADER_BYTES as u64));
+            let current = self.current.as_mut().expect("a segment is open");
+            let before = self.buffer.len();
+            encode_record(current.salt, *position, payload, &mut self.buffer);
+            current.length += (self.buffer.len() - before) as u64;
+            bytes += self.buffer.len() - before;
+            self.last = Some(*position);
         }
-        let (file, length) = self.current.as_mut().expect("a segment is open");
+        self.flush()?;
+        Ok(bytes)
+    }
+
+    /// Writes the buffer to the current segment.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let current = self.current.as_mut().expect("records went to a segment");
         fail::fail_point!("log-write", |_| Err(io::Error::other(
             "injected fault at log-write"
         )));
-        file.write_all(bytes)?;
-        *length += bytes.len() as u64;
+        current.file.write_all(&self.buffer)?;
+        self.buffer.clear();
         Ok(())
     }
 
@@ -650,14 +778,14 @@ impl Writer<'_> {
         fail::fail_point!("log-fsync", |_| Err(io::Error::other(
             "injected fault at log-fsync"
         )));
-        if let Some((file, _)) = &self.current {
-            file.sync_data()?;
+        if let Some(current) = &self.current {
+            current.file.sync_data()?;
         }
         Ok(())
     }
 
     /// Creates the segment starting at `first`: header written, file and directory fsynced.
-    fn create_segment(&self, first: Position) -> io::Result<File> {
+    fn create_segment(&self, first: Position) -> io::Result<Current> {
         fail::fail_point!("log-create-segment", |_| Err(io::Error::other(
             "injected fault at log-create-segment"
         )));
@@ -666,14 +794,20 @@ impl Writer<'_> {
             .create_new(true)
             .append(true)
             .open(&path)?;
-        let mut header = [0u8; SEGMENT_HEADER_BYTES];
-        header[..8].copy_from_slice(&SEGMENT_MAGIC);
-        header[8..].copy_from_slice(&first.to_le_bytes());
-        file.write_all(&header)?;
+        let header = SegmentHeader {
+            first,
+            previous: self.last,
+            salt: new_salt(),
+        };
+        file.write_all(&header.encode())?;
         file.sync_all()?;
         sync_dir(&self.shared.dir)?;
         tracing::debug!(path = %path.display(), "new log segment");
-        Ok(file)
+        Ok(Current {
+            file,
+            length: SEGMENT_HEADER_BYTES as u64,
+            salt: header.salt,
+        })
     }
 }
 
@@ -741,11 +875,17 @@ pub fn size(dir: &Path) -> u64 {
 mod tests {
     use super::*;
 
+    const SALT: u64 = 0x5a17;
+
     fn segment_bytes(first: Position, records: &[(Position, &[u8])]) -> Vec<u8> {
-        let mut bytes = SEGMENT_MAGIC.to_vec();
-        bytes.extend_from_slice(&first.to_le_bytes());
+        let header = SegmentHeader {
+            first,
+            previous: None,
+            salt: SALT,
+        };
+        let mut bytes = header.encode().to_vec();
         for (position, payload) in records {
-            encode_record(*position, payload, &mut bytes);
+            encode_record(SALT, *position, payload, &mut bytes);
         }
         bytes
     }
@@ -790,6 +930,34 @@ mod tests {
             error.to_string().contains("valid records follow"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_record_copied_into_a_value_does_not_read_as_one_of_this_segment() {
+        // A client value holding a record of another segment (another salt).
+        let mut forged = Vec::new();
+        encode_record(SALT + 1, 9, b"forged", &mut forged);
+        let full = segment_bytes(0, &[(0, b"first"), (1, &forged)]);
+        let one = segment_bytes(0, &[(0, b"first")]).len();
+        for cut in one + 1..full.len() {
+            let contents = read_segment(&segment(0), &full[..cut], None, true).unwrap();
+            assert_eq!(contents.records.len(), 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_segment_must_follow_the_last_record_before_it() {
+        let mut bytes = SegmentHeader {
+            first: 5,
+            previous: Some(3),
+            salt: SALT,
+        }
+        .encode()
+        .to_vec();
+        encode_record(SALT, 5, b"x", &mut bytes);
+        assert!(read_segment(&segment(5), &bytes, Some(3), true).is_ok());
+        let error = read_segment(&segment(5), &bytes, Some(2), true).unwrap_err();
+        assert!(error.to_string().contains("missing"), "{error}");
     }
 
     #[test]

@@ -338,6 +338,11 @@ impl Scheduler {
         let record = match self.log.get() {
             Some(log) => {
                 log.admit().map_err(Refused::Log)?;
+                if let Some(bytes) = record.as_ref().map(Vec::len)
+                    && bytes > crate::log::MAX_RECORD_BYTES
+                {
+                    return Err(Refused::Log(Refusal::TooLarge { bytes }));
+                }
                 record
             }
             None => None,
@@ -395,7 +400,7 @@ impl Scheduler {
                 .map(|record| (position, record))
                 .into_iter()
                 .collect();
-            log.append(&records, next);
+            log.append(records, next);
         }
         submitted
     }
@@ -437,7 +442,7 @@ impl Scheduler {
         };
         // The leader appends before it hands on the next batch: the log is in order.
         if let Some(log) = self.log.get() {
-            log.append(&records, next);
+            log.append(records, next);
         }
         for position in abandoned {
             self.finish(position);

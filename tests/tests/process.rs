@@ -180,7 +180,10 @@ async fn a_restarted_server_keeps_its_certificate_and_data_and_clients_reconnect
     // The same client, trusting the original certificate, reconnects by itself.
     client.ping().await.unwrap();
     // The acknowledged write was recovered from the command log.
-    assert_eq!(client.get("k").await.unwrap().as_deref(), Some(b"v".as_slice()));
+    assert_eq!(
+        client.get("k").await.unwrap().as_deref(),
+        Some(b"v".as_slice())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
