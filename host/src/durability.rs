@@ -661,11 +661,13 @@ pub async fn recover(
             }
             continue;
         };
+        // Cut a torn tail; either way make what is kept durable: records written after it
+        // say it is on disk.
+        let file = fs::OpenOptions::new().write(true).open(&segment.path)?;
         if contents.torn_bytes > 0 {
-            let file = fs::OpenOptions::new().write(true).open(&segment.path)?;
             file.set_len(contents.valid_bytes)?;
-            file.sync_all()?;
         }
+        file.sync_all()?;
         tail.segment = Some((segment.path.clone(), contents.valid_bytes, header.salt));
     }
     tail.last = last;

@@ -18,7 +18,7 @@
 //! a 40-byte header followed by records:
 //!
 //! ```text
-//! header  8 bytes magic "TDBLOG" 0x00 0x02
+//! header  8 bytes magic "TDBLOG" 0x00 0x03
 //!         u64 LE  first position (the name's)
 //!         u64 LE  position of the last record of the segment before it (u64::MAX: none),
 //!                 so that a missing segment, or records missing at the end of one, show
@@ -27,8 +27,10 @@
 //!                 a valid record of this segment
 //!         u32 LE  CRC32C of the 32 bytes before it; u32 zero
 //! record  u32 LE  payload length L (at most MAX_RECORD_BYTES)
-//!         u32 LE  CRC32C of (the salt, the length field, the position field, the payload)
+//!         u32 LE  CRC32C of (the salt, the length, position and synced fields, the payload)
 //!         u64 LE  position (strictly increasing through the log)
+//!         u64 LE  synced: every byte of the segment below this offset had been fsynced
+//!                 when the record was written
 //!         L bytes payload: one postcard-encoded command (crate::executor::LogCommand)
 //! ```
 //!
@@ -39,13 +41,16 @@
 //! # Damage
 //!
 //! Reading stops at the first record that is cut short, fails its checksum, or does not
-//! advance the position. If that is in the last segment and no valid record follows it,
-//! it is a torn tail (a crash during a write): the tail is cut, with a log line saying how
-//! many bytes were dropped; a last segment without a complete header (a crash while it was
-//! created) is removed. Anything else — damage in an earlier segment, valid records after
-//! the damage, a segment whose predecessor's last record is not the one found — is damage
-//! in the middle: recovery stops with an error naming the file and offset, since applying
-//! what follows would be a guess.
+//! advance the position. In the last segment that is a torn tail — a crash during a write,
+//! which may leave any mix of written and unwritten pages of what was not yet fsynced — unless
+//! a valid record after it says (by its `synced` field) that the damaged bytes had been
+//! fsynced: then they were on disk and were damaged later. A torn tail is cut, with a log
+//! line saying how many bytes were dropped; a last segment without a complete header (a crash
+//! while it was created) is removed. Anything else — damage in an earlier segment (each was
+//! fsynced whole before the next was started), damage that valid records prove was durable,
+//! a segment whose predecessor's last record is not the one found — is damage in the middle:
+//! recovery stops with an error naming the file and offset, since applying what follows
+//! would be a guess.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -61,14 +66,14 @@ use tokio::sync::watch;
 use crate::lock_manager::Position;
 
 /// The first eight bytes of a segment.
-pub const SEGMENT_MAGIC: [u8; 8] = *b"TDBLOG\x00\x02";
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TDBLOG\x00\x03";
 /// Bytes of a segment's header: the magic, the first position, the previous segment's last
 /// position, the salt, a checksum of those and four zero bytes.
 pub const SEGMENT_HEADER_BYTES: usize = 40;
 /// The header's "previous" when no segment came before.
 pub const NO_PREVIOUS: Position = Position::MAX;
-/// Bytes of a record's header: length, checksum, position.
-pub const RECORD_HEADER_BYTES: usize = 16;
+/// Bytes of a record's header: length, checksum, position, synced offset.
+pub const RECORD_HEADER_BYTES: usize = 24;
 /// Largest record payload. A command is at most one request frame plus its key set, far
 /// below this; a larger length read from disk is damage.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
@@ -162,25 +167,41 @@ fn new_salt() -> u64 {
     hasher.finish()
 }
 
-/// Appends one record of a segment whose salt is `salt` to `out`.
+/// Appends one record of a segment whose salt is `salt`, written when every byte of the
+/// segment below `synced` was fsynced, to `out`.
 ///
 /// # Panics
 /// If `payload` is longer than [`MAX_RECORD_BYTES`] (the scheduler refuses such a command
 /// before ordering it).
-pub fn encode_record(salt: u64, position: Position, payload: &[u8], out: &mut Vec<u8>) {
+pub fn encode_record(
+    salt: u64,
+    synced: u64,
+    position: Position,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
     assert!(payload.len() <= MAX_RECORD_BYTES, "log record too large");
     let length = (payload.len() as u32).to_le_bytes();
     let position = position.to_le_bytes();
+    let synced = synced.to_le_bytes();
     out.extend_from_slice(&length);
-    out.extend_from_slice(&checksum(salt, &length, &position, payload).to_le_bytes());
+    out.extend_from_slice(&checksum(salt, &length, &position, &synced, payload).to_le_bytes());
     out.extend_from_slice(&position);
+    out.extend_from_slice(&synced);
     out.extend_from_slice(payload);
 }
 
-fn checksum(salt: u64, length: &[u8; 4], position: &[u8; 8], payload: &[u8]) -> u32 {
+fn checksum(
+    salt: u64,
+    length: &[u8; 4],
+    position: &[u8; 8],
+    synced: &[u8; 8],
+    payload: &[u8],
+) -> u32 {
     let crc = crc32c::crc32c(&salt.to_le_bytes());
     let crc = crc32c::crc32c_append(crc, length);
     let crc = crc32c::crc32c_append(crc, position);
+    let crc = crc32c::crc32c_append(crc, synced);
     crc32c::crc32c_append(crc, payload)
 }
 
@@ -328,18 +349,24 @@ pub fn read_segment(
     let mut previous = after;
     while offset < bytes.len() {
         match parse_record(&bytes[offset..], salt, previous, segment.first) {
-            Ok((record, length)) => {
+            Ok((record, length, _)) => {
                 previous = Some(record.position);
                 records.push(record);
                 offset += length;
             }
             Err(reason) => {
-                let valid_later = (offset + 1..bytes.len()).any(|later| {
-                    parse_record(&bytes[later..], salt, previous, segment.first).is_ok()
-                });
-                if !last || valid_later {
-                    let reason = if valid_later {
-                        format!("{reason}, and valid records follow")
+                // A valid record written after these bytes were fsynced proves they were on
+                // disk: damaged since, not torn.
+                let durable_later = bytes[offset..].iter().any(|&byte| byte != 0)
+                    && (offset + 1..bytes.len()).any(|later| {
+                        parse_record(&bytes[later..], salt, previous, segment.first)
+                            .is_ok_and(|(_, _, synced)| synced > offset as u64)
+                    });
+                if !last || durable_later {
+                    let reason = if durable_later {
+                        format!(
+                            "{reason}, and valid records follow that were written after it was on disk"
+                        )
                     } else {
                         format!("{reason}, in a segment that later segments follow")
                     };
@@ -364,13 +391,14 @@ pub fn read_segment(
     })
 }
 
-/// Parses the record at the start of `bytes`; returns it and its length in bytes.
+/// Parses the record at the start of `bytes`; returns it, its length in bytes and its
+/// `synced` field.
 fn parse_record(
     bytes: &[u8],
     salt: u64,
     previous: Option<Position>,
     segment_first: Position,
-) -> Result<(Record, usize), String> {
+) -> Result<(Record, usize, u64), String> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(format!(
             "a record header is cut short ({} of {RECORD_HEADER_BYTES} bytes)",
@@ -382,6 +410,7 @@ fn parse_record(
     let stored = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
     let position_field: [u8; 8] = bytes[8..16].try_into().expect("8 bytes");
     let position = u64::from_le_bytes(position_field);
+    let synced_field: [u8; 8] = bytes[16..24].try_into().expect("8 bytes");
     if length > MAX_RECORD_BYTES {
         return Err(format!(
             "a record claims {length} bytes, more than the largest ({MAX_RECORD_BYTES})"
@@ -393,7 +422,7 @@ fn parse_record(
             bytes.len() - RECORD_HEADER_BYTES
         ));
     };
-    if checksum(salt, &length_field, &position_field, payload) != stored {
+    if checksum(salt, &length_field, &position_field, &synced_field, payload) != stored {
         return Err("a record fails its checksum".into());
     }
     if previous.is_some_and(|previous| position <= previous) || position < segment_first {
@@ -408,6 +437,7 @@ fn parse_record(
             payload: payload.to_vec(),
         },
         RECORD_HEADER_BYTES + length,
+        u64::from_le_bytes(synced_field),
     ))
 }
 
@@ -484,7 +514,13 @@ impl CommandLog {
         let current = match tail.segment {
             Some((path, length, salt)) => {
                 let file = OpenOptions::new().append(true).open(&path)?;
-                Some(Current { file, length, salt })
+                // Recovery fsynced it.
+                Some(Current {
+                    file,
+                    length,
+                    salt,
+                    synced: length,
+                })
             }
             None => None,
         };
@@ -538,6 +574,8 @@ impl CommandLog {
             .iter()
             .map(|(_, payload)| RECORD_HEADER_BYTES + payload.len())
             .sum();
+        // Counted before the log thread can take them (and subtract them).
+        self.shared.unwritten.fetch_add(added, Ordering::Relaxed);
         let mut pending = self.shared.pending.lock();
         if pending.records.is_empty() {
             pending.records = records;
@@ -546,7 +584,6 @@ impl CommandLog {
         }
         pending.next = next;
         drop(pending);
-        self.shared.unwritten.fetch_add(added, Ordering::Relaxed);
         self.shared.wake.notify_one();
     }
 
@@ -673,6 +710,8 @@ struct Current {
     /// Its length, with what is in the writer's buffer.
     length: u64,
     salt: u64,
+    /// Every byte below this offset is fsynced.
+    synced: u64,
 }
 
 impl Writer<'_> {
@@ -751,7 +790,13 @@ impl Writer<'_> {
             }
             let current = self.current.as_mut().expect("a segment is open");
             let before = self.buffer.len();
-            encode_record(current.salt, *position, payload, &mut self.buffer);
+            encode_record(
+                current.salt,
+                current.synced,
+                *position,
+                payload,
+                &mut self.buffer,
+            );
             current.length += (self.buffer.len() - before) as u64;
             bytes += self.buffer.len() - before;
             self.last = Some(*position);
@@ -778,8 +823,10 @@ impl Writer<'_> {
         fail::fail_point!("log-fsync", |_| Err(io::Error::other(
             "injected fault at log-fsync"
         )));
-        if let Some(current) = &self.current {
+        if let Some(current) = &mut self.current {
             current.file.sync_data()?;
+            // `sync` runs after `flush`: the buffer is empty.
+            current.synced = current.length;
         }
         Ok(())
     }
@@ -807,6 +854,7 @@ impl Writer<'_> {
             file,
             length: SEGMENT_HEADER_BYTES as u64,
             salt: header.salt,
+            synced: SEGMENT_HEADER_BYTES as u64,
         })
     }
 }
@@ -883,9 +931,11 @@ mod tests {
             previous: None,
             salt: SALT,
         };
+        // As the log thread writes with an fsync after each record.
         let mut bytes = header.encode().to_vec();
         for (position, payload) in records {
-            encode_record(SALT, *position, payload, &mut bytes);
+            let synced = bytes.len() as u64;
+            encode_record(SALT, synced, *position, payload, &mut bytes);
         }
         bytes
     }
@@ -933,10 +983,34 @@ mod tests {
     }
 
     #[test]
+    fn damage_in_what_was_never_fsynced_is_a_torn_tail() {
+        // Three records written in one round, before any fsync: a crash may leave the later
+        // pages written and an earlier one not.
+        let header = SegmentHeader {
+            first: 0,
+            previous: None,
+            salt: SALT,
+        };
+        let mut bytes = header.encode().to_vec();
+        let synced = bytes.len() as u64;
+        encode_record(SALT, synced, 0, b"first", &mut bytes);
+        let second = bytes.len();
+        encode_record(SALT, synced, 1, b"second", &mut bytes);
+        encode_record(SALT, synced, 2, b"third", &mut bytes);
+        for byte in &mut bytes[second..second + RECORD_HEADER_BYTES] {
+            *byte = 0; // a page that never reached the disk
+        }
+        let contents = read_segment(&segment(0), &bytes, None, true).unwrap();
+        assert_eq!(contents.records.len(), 1);
+        assert_eq!(contents.valid_bytes, second as u64);
+        assert!(read_segment(&segment(0), &bytes, None, false).is_err());
+    }
+
+    #[test]
     fn a_record_copied_into_a_value_does_not_read_as_one_of_this_segment() {
         // A client value holding a record of another segment (another salt).
         let mut forged = Vec::new();
-        encode_record(SALT + 1, 9, b"forged", &mut forged);
+        encode_record(SALT + 1, 0, 9, b"forged", &mut forged);
         let full = segment_bytes(0, &[(0, b"first"), (1, &forged)]);
         let one = segment_bytes(0, &[(0, b"first")]).len();
         for cut in one + 1..full.len() {
@@ -954,7 +1028,7 @@ mod tests {
         }
         .encode()
         .to_vec();
-        encode_record(SALT, 5, b"x", &mut bytes);
+        encode_record(SALT, SEGMENT_HEADER_BYTES as u64, 5, b"x", &mut bytes);
         assert!(read_segment(&segment(5), &bytes, Some(3), true).is_ok());
         let error = read_segment(&segment(5), &bytes, Some(2), true).unwrap_err();
         assert!(error.to_string().contains("missing"), "{error}");

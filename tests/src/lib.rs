@@ -112,7 +112,7 @@ pub async fn raw_connection(
 /// The `transdb` binary built by this `cargo test` run.
 ///
 /// # Panics
-/// With instructions if it is missing or older than the server library it is built from.
+/// With instructions if it is missing or older than the sources it is built from.
 pub fn transdb_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("TRANSDB_BIN") {
         return path.into();
@@ -128,29 +128,39 @@ pub fn transdb_binary() -> PathBuf {
     let built = std::fs::metadata(&binary)
         .and_then(|metadata| metadata.modified())
         .unwrap_or_else(|_| panic!("no transdb binary at {}: {hint}", binary.display()));
-    let newest_library = std::fs::read_dir(profile_dir.join("deps"))
-        .expect("deps directory")
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            // Only linkable libraries: `cargo clippy` and `cargo check` leave newer `.rmeta`s.
-            let name = entry.file_name().to_string_lossy().into_owned();
-            name.starts_with("libtransdb_host-") && name.ends_with(".rlib")
-        })
-        .filter_map(|entry| {
-            entry
-                .metadata()
-                .and_then(|metadata| metadata.modified())
-                .ok()
-        })
+    // Stale if any source it is built from changed after it was linked. (Comparing with the
+    // libraries in `deps/` is not reliable: several feature variants of one crate live there.)
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest_source = ["host/src", "proto-spec/src", "sdk/client/src"]
+        .iter()
+        .filter_map(|dir| newest_modification(&workspace.join(dir)))
         .max();
-    if let Some(library) = newest_library {
+    if let Some(source) = newest_source {
         assert!(
-            built >= library,
-            "{} is older than the transdb-host library: {hint}",
+            built >= source,
+            "{} is older than the server's sources: {hint}",
             binary.display()
         );
     }
     binary
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest_modification(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = entry.path();
+        let modified = if path.is_dir() {
+            newest_modification(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .ok()
+        };
+        newest = newest.max(modified);
+    }
+    newest
 }
 
 /// A `transdb serve` child process. Killed on drop if still running.

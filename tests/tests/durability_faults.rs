@@ -1,7 +1,7 @@
 //! Failure injection at the fsync / write / rename points: errors are reported, the server
 //! does not acknowledge what it could not make durable.
 //!
-//! The faults are `fail` crate fail points compiled into the host (feature `failpoints`):
+//! The faults are `fail` crate fail points compiled into the host (always compiled in, inert unless configured):
 //! `log-write`, `log-fsync`, `log-create-segment` in the command log, `checkpoint-fsync` and
 //! `checkpoint-rename` in the durable file writer that checkpoints and the module store share.
 //! Fail points are process-global: every test holds a [`FailScenario`] for its whole run
@@ -432,6 +432,8 @@ async fn failed_checkpoints_remove_nothing_and_a_later_one_works() {
     );
 
     for point in ["checkpoint-fsync", "checkpoint-rename"] {
+        // (The write after each failed checkpoint may have started a segment.)
+        let segments_before = segment_names(dir.path());
         fail::cfg(point, "return").unwrap();
         let message = refused(
             within("checkpoint", node.client.checkpoint()).await,
@@ -538,6 +540,8 @@ async fn a_deploy_whose_module_cannot_be_stored_is_refused() {
 
     let kv = procedure_module("kv");
     for point in ["checkpoint-fsync", "checkpoint-rename"] {
+        // (The write after each failed checkpoint may have started a segment.)
+        let segments_before = segment_names(dir.path());
         fail::cfg(point, "return").unwrap();
         let message = refused(
             within("deploy", node.client.deploy("kv", &kv)).await,

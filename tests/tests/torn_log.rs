@@ -518,7 +518,7 @@ async fn record_like_values_do_not_turn_a_torn_tail_into_an_error() {
     let mut inner = Vec::new();
     let command = LogCommand::Request(put("planted", "by a client")).encode();
     // The client cannot know the segment's salt: any other one.
-    encode_record(0, 1_000, &command, &mut inner);
+    encode_record(0, 0, 1_000, &command, &mut inner);
     let mut steps = workload("");
     steps.push(Step::Request(Request::Put {
         key: "record-like".into(),
@@ -854,9 +854,12 @@ async fn an_undecodable_command_stops_recovery() {
         for followed in [false, true] {
             let case = format!("{what} at position {position}, followed: {followed}");
             let mut bytes = segment.bytes.clone();
-            encode_record(salt, position, &payload, &mut bytes);
+            // Written after everything before them was fsynced, as the log thread would.
+            let synced = bytes.len() as u64;
+            encode_record(salt, synced, position, &payload, &mut bytes);
             if followed {
-                encode_record(salt, position + 1, &command, &mut bytes);
+                let synced = bytes.len() as u64;
+                encode_record(salt, synced, position + 1, &command, &mut bytes);
             }
             let files = written.with(0, Some(bytes));
             let dir = data_dir(&files);
