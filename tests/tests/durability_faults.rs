@@ -540,8 +540,6 @@ async fn a_deploy_whose_module_cannot_be_stored_is_refused() {
 
     let kv = procedure_module("kv");
     for point in ["checkpoint-fsync", "checkpoint-rename"] {
-        // (The write after each failed checkpoint may have started a segment.)
-        let segments_before = segment_names(dir.path());
         fail::cfg(point, "return").unwrap();
         let message = refused(
             within("deploy", node.client.deploy("kv", &kv)).await,
