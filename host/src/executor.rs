@@ -283,8 +283,13 @@ impl Executor {
                     .acquire(LockSet::All)
                     .await
                     .map_err(|refused| format!("replay refused: {refused:?}"))?;
-                if let Ok(compiled) = compiled {
-                    let _ = self.procedures.install(compiled, grant.position());
+                // It compiled and installed when it was deployed; with lower limits now
+                // (--max-module-bytes, --max-modules) it may not, and the calls after it will
+                // differ: say so.
+                let installed = compiled
+                    .and_then(|compiled| self.procedures.install(compiled, grant.position()));
+                if let Err(error) = installed {
+                    tracing::warn!(position, error = %error.message, "a logged deploy failed in the replay: as it did when it ran, or because this server's limits are lower than then (restart with those)");
                 }
             }
         }

@@ -330,3 +330,29 @@ pub fn cli(cwd: &Path, args: &[&str], stdin: &[u8]) -> CliOutput {
         stderr: String::from_utf8_lossy(&output.stderr).into(),
     }
 }
+
+/// A small seeded PRNG (xorshift64), so a test's workload is reproducible from its seed.
+pub struct Xorshift(u64);
+
+impl Xorshift {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next number.
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number below `bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}

@@ -22,7 +22,7 @@ use transdb_client::{Client, Error, Transaction};
 use transdb_procedures_bank::{Account, Accounts, Open, Transfer, account_key};
 use transdb_proto::ErrorCode;
 use transdb_proto::shard::shard_for_key;
-use transdb_tests::{TestServer, procedure_module};
+use transdb_tests::{TestServer, Xorshift, procedure_module};
 
 const SHARDS: usize = 4;
 /// Two on each of the four shards (checked below), so most transfers span two shards.
@@ -41,28 +41,6 @@ const MAX_ATTEMPTS: usize = 50;
 /// The two accounts of the small tests, on different shards (checked below).
 const A: &str = "ada";
 const B: &str = "bob";
-
-/// A small seeded PRNG (xorshift64), so a run's workload is reproducible.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
 
 /// How an attempted transfer ended (any other ending fails the test).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

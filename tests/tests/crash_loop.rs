@@ -50,7 +50,7 @@ use tokio::task::JoinHandle;
 use transdb_client::{Client, ClientConfig, Error, ServerStats};
 use transdb_procedures_bank::{Accounts, Open, Transfer, account_key};
 use transdb_proto::ErrorCode;
-use transdb_tests::{ChildServer, PATIENCE, cli, procedure_module};
+use transdb_tests::{ChildServer, PATIENCE, Xorshift, cli, procedure_module};
 
 /// Kill/restart iterations.
 const ITERATIONS: usize = 12;
@@ -77,28 +77,6 @@ const RACING_KILL_AFTER: u64 = 16;
 const SEGMENT_BYTES: &str = "16384";
 /// Where the servers keep their data, relative to their working directory (the default).
 const DATA_DIR: &str = "transdb-data";
-
-/// A small seeded PRNG (xorshift64), so a run's workload and kill points are reproducible.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
 
 fn account_name(index: usize) -> String {
     format!("acct-{index:02}")
