@@ -209,93 +209,6 @@ impl Executor {
         }
     }
 
-    /// Replays the logged command `payload` at `position` (recovery). Replay one command
-    /// at a time, in position order, before a log is attached.
-    ///
-    /// # Errors
-    /// If the command cannot be decoded, or a deployed module's bytes are missing from the
-    /// module store: the log cannot be replayed as it was written.
-    pub async fn replay_logged(&self, position: Position, payload: &[u8]) -> Result<(), String> {
-        let command: LogCommand<'_> = postcard::from_bytes(payload).map_err(|error| {
-            format!("the command logged at position {position} cannot be decoded ({error}): was it written by another version of TransDB?")
-        })?;
-        self.scheduler.advance_to(position);
-        let mut out = Vec::new();
-        match command {
-            LogCommand::Request(
-                request @ (Request::Put { .. } | Request::Delete { .. } | Request::Batch { .. }),
-            ) => self.execute(request, &mut out).await,
-            LogCommand::Request(other) => {
-                return Err(format!(
-                    "the command logged at position {position} is a {} request, which is never logged: the log was not written by this version of TransDB",
-                    other.kind()
-                ));
-            }
-            LogCommand::Commit(plan) => self.commit(plan, &mut out).await,
-            LogCommand::Call {
-                module,
-                version,
-                procedure,
-                encoding,
-                args,
-                keys,
-            } => {
-                // Another version at this position: the call was prepared again, later.
-                let Ok(deployed) = self.procedures.module(&module) else {
-                    return Ok(());
-                };
-                if deployed.digest() != version {
-                    return Ok(());
-                }
-                let given = keys.map(|keys| keys.into_iter().collect());
-                // Whatever failed before its position failed the same way then.
-                let Ok(prepared) = self.procedures.prepare_in(
-                    &deployed,
-                    &procedure,
-                    encoding,
-                    &args,
-                    &self.store,
-                    given,
-                ) else {
-                    return Ok(());
-                };
-                let grant = self
-                    .scheduler
-                    .acquire(prepared.lock_set())
-                    .await
-                    .map_err(|refused| format!("replay refused: {refused:?}"))?;
-                let _ = prepared.execute(&self.store, &args, grant.position());
-            }
-            LogCommand::Deploy { name, version } => {
-                let Some(persistence) = &self.persistence else {
-                    return Err("a deploy is logged but the server keeps no module store".into());
-                };
-                let bytes = persistence.modules.load(&version).map_err(|error| {
-                    format!("the module {name:?} deployed at position {position} is missing from the module store or damaged: {error}. Restore the data directory from a backup (`transdb restore`)")
-                })?;
-                let procedures = self.procedures.clone();
-                let compiled =
-                    tokio::task::spawn_blocking(move || procedures.compile(&name, &bytes))
-                        .await
-                        .map_err(|panic| format!("compiling a logged module panicked: {panic}"))?;
-                let grant = self
-                    .scheduler
-                    .acquire(LockSet::All)
-                    .await
-                    .map_err(|refused| format!("replay refused: {refused:?}"))?;
-                // It compiled and installed when it was deployed; with lower limits now
-                // (--max-module-bytes, --max-modules) it may not, and the calls after it will
-                // differ: say so.
-                let installed = compiled
-                    .and_then(|compiled| self.procedures.install(compiled, grant.position()));
-                if let Err(error) = installed {
-                    tracing::warn!(position, error = %error.message, "a logged deploy failed in the replay: as it did when it ran, or because this server's limits are lower than then (restart with those)");
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Admits and executes `request`, a request of the stream whose state is `session`,
     /// appending the response frame to `out`.
     pub async fn execute_in(&self, session: &mut Session, request: Request<'_>, out: &mut Vec<u8>) {
@@ -407,23 +320,11 @@ impl Executor {
                 args,
             } => self.call(&module, &procedure, encoding, &args, out).await,
             Request::Batch { ops } => {
-                let locks = LockSet::Keys(
-                    ops.iter()
-                        .map(|op| (lock_id(op.key()), Mode::Exclusive))
-                        .collect(),
-                );
+                let locks = batch_locks(ops.iter().map(BatchOp::key));
                 match self.acquire(locks, input_bytes, record.take(), out).await {
                     Some(grant) => {
                         let count = ops.len() as u64;
-                        let writes = ops
-                            .into_iter()
-                            .map(|op| match op {
-                                BatchOp::Put { key, value } => {
-                                    (key.into_owned(), Some(Bytes::copy_from_slice(&value)))
-                                }
-                                BatchOp::Delete { key } => (key.into_owned(), None),
-                            })
-                            .collect();
+                        let writes = batch_writes(ops);
                         let response = match self.store.apply(writes, grant.position()) {
                             Ok(()) => Response::Batched { ops: count },
                             Err(reason) => Response::Error(ErrorResponse::new(
@@ -616,18 +517,7 @@ impl Executor {
             return;
         };
         let recorded = self.history.as_ref().map(|_| plan.clone());
-        let response = match plan.validate(&self.store) {
-            Err(conflict) => Response::Error(conflict),
-            Ok(()) => match self.store.apply(plan.writes, grant.position()) {
-                Ok(()) => Response::Committed {
-                    position: grant.position(),
-                },
-                Err(reason) => Response::Error(ErrorResponse::new(
-                    ErrorCode::INTERNAL,
-                    format!("commit aborted: {reason}"),
-                )),
-            },
-        };
+        let response = commit_at(&self.store, plan, grant.position());
         encode(&response, out);
         if let (Some(history), Some(plan)) = (&self.history, recorded) {
             history.lock().push(Recorded {
@@ -846,6 +736,39 @@ fn input_bytes(request: &Request<'_>) -> usize {
         Request::Deploy { name, module } => name.len() + module.len(),
         _ => 0,
     }
+}
+
+/// Decides an interactive commit at `position`, its locks held: validates the versions it
+/// read and applies its writes, or answers `CONFLICT`.
+pub(crate) fn commit_at(store: &Store, plan: CommitPlan, position: Position) -> Response<'static> {
+    match plan.validate(store) {
+        Err(conflict) => Response::Error(conflict),
+        Ok(()) => match store.apply(plan.writes, position) {
+            Ok(()) => Response::Committed { position },
+            Err(reason) => Response::Error(ErrorResponse::new(
+                ErrorCode::INTERNAL,
+                format!("commit aborted: {reason}"),
+            )),
+        },
+    }
+}
+
+/// A batch's writes, in order (`None` deletes).
+pub(crate) fn batch_writes(ops: Vec<BatchOp<'_>>) -> Vec<(String, Option<Bytes>)> {
+    ops.into_iter()
+        .map(|op| match op {
+            BatchOp::Put { key, value } => (key.into_owned(), Some(Bytes::copy_from_slice(&value))),
+            BatchOp::Delete { key } => (key.into_owned(), None),
+        })
+        .collect()
+}
+
+/// A batch's locks: every key it writes, exclusive.
+pub(crate) fn batch_locks<K: AsRef<str>>(keys: impl Iterator<Item = K>) -> LockSet {
+    LockSet::Keys(
+        keys.map(|key| (lock_id(key.as_ref()), Mode::Exclusive))
+            .collect(),
+    )
 }
 
 fn one_key(key: &str, mode: Mode) -> LockSet {

@@ -35,6 +35,7 @@ pub mod lock_manager;
 pub mod log;
 pub(crate) mod network;
 pub mod procedures;
+pub mod replay;
 pub mod runtime;
 pub mod scheduler;
 pub mod sequencer;

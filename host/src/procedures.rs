@@ -130,6 +130,17 @@ impl Procedures {
         if full {
             return Err(too_many_modules(self.max_modules));
         }
+        self.compile_module(name, bytes)
+    }
+
+    /// [`Procedures::compile`] without the early check of the module limit (the install at
+    /// the deploy's position checks it; a replay compiles ahead of that position).
+    pub fn compile_module(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<Arc<DeployedModule>, ErrorResponse> {
+        check_name(name, true, "module")?;
         let compiling = self.deploying.lock();
         let compiled = self.runtime.compile(bytes)?;
         drop(compiling);

@@ -891,8 +891,7 @@ async fn an_undecodable_command_stops_recovery() {
 /// Whether a fresh executor refuses to replay `payload` (nothing on disk is involved).
 async fn refused(payload: &[u8]) -> bool {
     let dir = tempfile::tempdir().unwrap();
-    executor(dir.path())
-        .replay_logged(0, payload)
-        .await
-        .is_err()
+    let executor = executor(dir.path());
+    let mut replayer = transdb_host::replay::Replayer::new(&executor);
+    replayer.push(0, payload).await.is_err()
 }
