@@ -226,8 +226,10 @@ impl Procedures {
         modules
     }
 
-    /// The module deployed as `name` right now.
+    /// The module deployed as `name` right now (`INVALID_NAME` for a name no module can
+    /// have).
     pub fn module(&self, name: &str) -> Result<Arc<DeployedModule>, ErrorResponse> {
+        check_name(name, true, "module")?;
         self.modules.read().by_name.get(name).cloned().ok_or_else(|| {
             ErrorResponse::new(
                 ErrorCode::MODULE_NOT_FOUND,
@@ -247,7 +249,6 @@ impl Procedures {
         args: &[u8],
         store: &Arc<Store>,
     ) -> Result<PreparedCall, ErrorResponse> {
-        check_name(module, true, "module")?;
         let deployed = self.module(module)?;
         self.prepare_in(&deployed, procedure, encoding, args, store, None)
     }
