@@ -52,16 +52,17 @@
 //! recovery stops with an error naming the file and offset, since applying what follows
 //! would be a guess.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use crate::lock_manager::Position;
 
@@ -451,13 +452,16 @@ pub struct Tail {
     pub last: Option<Position>,
 }
 
-/// The durable state of the log, as replies wait for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LogState {
+/// The replies waiting for the log, each woken once, when its position is durable (a
+/// broadcast to all of them at every fsync would wake most for nothing).
+#[derive(Default)]
+struct Waiters {
     /// Every position below this is durable (or was never logged).
     durable: Position,
     /// The log failed: nothing more becomes durable.
     failed: bool,
+    /// By the end they wait for: woken once `durable` reaches it.
+    waiting: BTreeMap<Position, Vec<oneshot::Sender<()>>>,
 }
 
 /// The command log could not make a transaction durable.
@@ -468,14 +472,15 @@ pub struct LogFailed(pub String);
 /// The command log of a running server. See the module documentation.
 pub struct CommandLog {
     shared: Arc<Shared>,
-    state: watch::Receiver<LogState>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
-    state: watch::Sender<LogState>,
+    waiters: Mutex<Waiters>,
+    /// `waiters.durable`, readable without the lock (it only grows).
+    durable: AtomicU64,
     durability: Durability,
     dir: PathBuf,
     segment_bytes: u64,
@@ -524,18 +529,17 @@ impl CommandLog {
             }
             None => None,
         };
-        let initial = LogState {
-            durable: next,
-            failed: false,
-        };
-        let (sender, receiver) = watch::channel(initial);
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 next,
                 ..Pending::default()
             }),
             wake: Condvar::new(),
-            state: sender,
+            waiters: Mutex::new(Waiters {
+                durable: next,
+                ..Waiters::default()
+            }),
+            durable: AtomicU64::new(next),
             durability,
             dir: dir.to_owned(),
             segment_bytes: segment_bytes.max(SEGMENT_HEADER_BYTES as u64 + 1),
@@ -561,7 +565,6 @@ impl CommandLog {
         };
         Ok(CommandLog {
             shared,
-            state: receiver,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -625,24 +628,33 @@ impl CommandLog {
                 None => Ok(()),
             };
         }
-        let mut state = self.state.clone();
-        let reached = state
-            .wait_for(|state| state.durable >= end || state.failed)
-            .await
-            .map(|state| state.durable >= end)
-            .unwrap_or(false);
-        if reached {
-            Ok(())
-        } else {
-            Err(self
-                .failure()
-                .unwrap_or_else(|| LogFailed("the log stopped".into())))
+        if self.shared.durable.load(Ordering::Acquire) >= end {
+            return Ok(());
         }
+        let woken = {
+            let mut waiters = self.shared.waiters.lock();
+            if waiters.durable >= end {
+                return Ok(());
+            }
+            if waiters.failed {
+                return Err(self.stopped());
+            }
+            let (wake, woken) = oneshot::channel();
+            waiters.waiting.entry(end).or_default().push(wake);
+            woken
+        };
+        // Dropped unsent when the log fails.
+        woken.await.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> LogFailed {
+        self.failure()
+            .unwrap_or_else(|| LogFailed("the log stopped".into()))
     }
 
     /// Every position below this is durable.
     pub fn durable(&self) -> Position {
-        self.state.borrow().durable
+        self.shared.durable.load(Ordering::Acquire)
     }
 
     /// Writes and fsyncs everything appended, then stops the log thread. Idempotent.
@@ -687,7 +699,28 @@ impl Shared {
     fn fail(&self, reason: String) {
         tracing::error!(%reason, "the command log failed: refusing every transaction from now on; restart the server to recover what is durable");
         *self.failure.lock() = Some(reason);
-        self.state.send_modify(|state| state.failed = true);
+        let mut waiters = self.waiters.lock();
+        waiters.failed = true;
+        // Dropping the senders wakes every waiter with the failure.
+        let waiting = std::mem::take(&mut waiters.waiting);
+        drop(waiters);
+        drop(waiting);
+    }
+
+    /// Every position below `durable` is durable: wakes the replies waiting for that.
+    fn publish(&self, durable: Position) {
+        let mut waiters = self.waiters.lock();
+        if durable <= waiters.durable {
+            return;
+        }
+        waiters.durable = durable;
+        self.durable.store(durable, Ordering::Release);
+        let later = waiters.waiting.split_off(&(durable + 1));
+        let ready = std::mem::replace(&mut waiters.waiting, later);
+        drop(waiters);
+        for wake in ready.into_values().flatten() {
+            let _ = wake.send(());
+        }
     }
 }
 
@@ -764,7 +797,7 @@ impl Writer<'_> {
                 last_sync = Instant::now();
             }
             if !dirty {
-                self.shared.state.send_modify(|state| state.durable = next);
+                self.shared.publish(next);
             }
             if closing && self.shared.pending.lock().records.is_empty() {
                 return Ok(());

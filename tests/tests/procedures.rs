@@ -218,7 +218,11 @@ async fn bad_calls_get_clear_errors() {
     let bad_name = client.call_json("bank", "../etc", "{}").await.unwrap_err();
     assert_eq!(bad_name.code(), Some(ErrorCode::INVALID_NAME));
     let bad_module = client.call_json("../etc", "p", "{}").await.unwrap_err();
-    assert_eq!(bad_module.code(), Some(ErrorCode::INVALID_NAME), "{bad_module}");
+    assert_eq!(
+        bad_module.code(),
+        Some(ErrorCode::INVALID_NAME),
+        "{bad_module}"
+    );
     client.ping().await.unwrap();
 }
 
