@@ -580,6 +580,11 @@ impl CommandLog {
         // Counted before the log thread can take them (and subtract them).
         self.shared.unwritten.fetch_add(added, Ordering::Relaxed);
         let mut pending = self.shared.pending.lock();
+        // Only reads, and everything appended before them is durable: so are they, without
+        // a round through the log thread.
+        let durable_at_once = records.is_empty()
+            && pending.records.is_empty()
+            && self.shared.durable.load(Ordering::Acquire) >= pending.next;
         if pending.records.is_empty() {
             pending.records = records;
         } else {
@@ -587,7 +592,11 @@ impl CommandLog {
         }
         pending.next = next;
         drop(pending);
-        self.shared.wake.notify_one();
+        if durable_at_once {
+            self.shared.publish(next);
+        } else {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Whether new transactions may be ordered: the log has not failed, and is not too far
@@ -1065,6 +1074,31 @@ mod tests {
         assert!(read_segment(&segment(5), &bytes, Some(3), true).is_ok());
         let error = read_segment(&segment(5), &bytes, Some(2), true).unwrap_err();
         assert!(error.to_string().contains("missing"), "{error}");
+    }
+
+    /// Reads take positions but no records: when everything before them is durable, they
+    /// are durable at once, without waiting for a round of the log thread.
+    #[test]
+    fn positions_without_records_after_durable_ones_are_durable_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommandLog::open(
+            dir.path(),
+            Tail::default(),
+            0,
+            Durability::Sync,
+            DEFAULT_SEGMENT_BYTES,
+        )
+        .unwrap();
+        log.append(Vec::new(), 5);
+        assert_eq!(log.durable(), 5, "reads only: durable when appended");
+        log.append(vec![(5, b"put".to_vec())], 6);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(log.wait_durable(6)).unwrap();
+        log.append(Vec::new(), 9);
+        assert_eq!(log.durable(), 9, "the record before them is durable");
+        log.close();
     }
 
     #[test]
