@@ -771,7 +771,8 @@ pub(crate) fn batch_locks<K: AsRef<str>>(keys: impl Iterator<Item = K>) -> LockS
     )
 }
 
-fn one_key(key: &str, mode: Mode) -> LockSet {
+/// The locks of a one-key transaction.
+pub(crate) fn one_key(key: &str, mode: Mode) -> LockSet {
     LockSet::Keys(vec![(lock_id(key), mode)])
 }
 

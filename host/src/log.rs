@@ -486,7 +486,8 @@ struct Shared {
     segment_bytes: u64,
     /// Bytes appended and not yet written.
     unwritten: AtomicUsize,
-    failure: Mutex<Option<String>>,
+    /// Why it failed (set once; read on every transaction, without a lock).
+    failure: std::sync::OnceLock<String>,
 }
 
 #[derive(Default)]
@@ -544,7 +545,7 @@ impl CommandLog {
             dir: dir.to_owned(),
             segment_bytes: segment_bytes.max(SEGMENT_HEADER_BYTES as u64 + 1),
             unwritten: AtomicUsize::new(0),
-            failure: Mutex::new(None),
+            failure: std::sync::OnceLock::new(),
         });
         let thread = {
             let shared = shared.clone();
@@ -617,12 +618,7 @@ impl CommandLog {
 
     /// Why the log failed, if it did.
     pub fn failure(&self) -> Option<LogFailed> {
-        self.shared.failure.lock().clone().map(LogFailed)
-    }
-
-    /// The durability mode.
-    pub fn durability(&self) -> Durability {
-        self.shared.durability
+        self.shared.failure.get().cloned().map(LogFailed)
     }
 
     /// Waits until every position below `end` is durable — in [`Durability::Async`], only
@@ -674,11 +670,6 @@ impl CommandLog {
             let _ = thread.join();
         }
     }
-
-    /// The directory of the log.
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
 }
 
 impl Drop for CommandLog {
@@ -707,7 +698,8 @@ pub enum Refusal {
 impl Shared {
     fn fail(&self, reason: String) {
         tracing::error!(%reason, "the command log failed: refusing every transaction from now on; restart the server to recover what is durable");
-        *self.failure.lock() = Some(reason);
+        // The first failure is the reason; the thread stops at it.
+        let _ = self.failure.set(reason);
         let mut waiters = self.waiters.lock();
         waiters.failed = true;
         // Dropping the senders wakes every waiter with the failure.

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use transdb_proto::{ErrorCode, Request};
 
-use crate::executor::{Executor, LogCommand, batch_locks, batch_writes, commit_at};
-use crate::lock_manager::{LockSet, Mode, Position, lock_id};
+use crate::executor::{Executor, LogCommand, batch_locks, batch_writes, commit_at, one_key};
+use crate::lock_manager::{LockSet, Mode, Position};
 use crate::procedures::{DeployedModule, Procedures};
 use crate::scheduler::Scheduler;
 use crate::store::Store;
@@ -68,11 +68,11 @@ impl Replayer {
         let store = &self.store;
         match command {
             LogCommand::Request(Request::Put { key, value }) => {
-                let at = self.lock(one_key(&key)).await?;
+                let at = self.lock(one_key(&key, Mode::Exclusive)).await?;
                 store.put(&key, Bytes::copy_from_slice(&value), at);
             }
             LogCommand::Request(Request::Delete { key }) => {
-                let at = self.lock(one_key(&key)).await?;
+                let at = self.lock(one_key(&key, Mode::Exclusive)).await?;
                 store.delete(&key, at);
             }
             LogCommand::Request(Request::Batch { ops }) => {
@@ -168,8 +168,4 @@ impl Replayer {
             .map_err(|refused| format!("replay refused: {refused:?}"))?;
         Ok(grant.position())
     }
-}
-
-fn one_key(key: &str) -> LockSet {
-    LockSet::Keys(vec![(lock_id(key), Mode::Exclusive)])
 }

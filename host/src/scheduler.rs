@@ -302,32 +302,6 @@ impl Scheduler {
         Ok(pending.grant(position))
     }
 
-    /// Orders a transaction needing `locks` now, synchronously; the returned future resolves
-    /// once it holds them all (the log's replay orders commands one by one, in log order,
-    /// and runs them concurrently).
-    pub fn enqueue(
-        self: &Arc<Self>,
-        locks: LockSet,
-    ) -> Result<impl Future<Output = Grant> + use<>, Refused> {
-        let submitted = self.submit(locks, 0, None)?;
-        Ok(async move {
-            match submitted {
-                Submitted::Granted(grant) => grant,
-                Submitted::Pending(mut pending) => {
-                    let position = (&mut pending.granted)
-                        .await
-                        .expect("a queued or waiting transaction is always granted");
-                    pending.grant(position)
-                }
-            }
-        })
-    }
-
-    /// The limit of pending transactions.
-    pub fn max_pending(&self) -> usize {
-        self.max_pending
-    }
-
     /// [`Scheduler::acquire`] for threads outside an async runtime (tests, benchmarks).
     ///
     /// # Panics

@@ -61,6 +61,13 @@ async fn client_of_child(server: &ChildServer, data_dir: &Path) -> Client {
 }
 
 /// Stops a child server with SIGTERM and checks it exits 0.
+/// A child server on `data_dir` (see [`serve`]) and a client of it.
+async fn served(data_dir: &Path, extra: &[&str]) -> (ChildServer, Client) {
+    let server = serve(data_dir, extra);
+    let client = client_of_child(&server, data_dir).await;
+    (server, client)
+}
+
 fn terminate(mut server: ChildServer) {
     server.terminate();
     let status = server.wait();
@@ -521,20 +528,17 @@ async fn sigkill_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     rich_workload(&client).await;
     let before = observe(&client).await;
     kill(server);
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     check_restored(&client, &before).await;
     let after = observe(&client).await;
     kill(server);
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     assert_eq!(observe(&client).await, after, "state after a second kill");
     terminate(server);
 }
@@ -550,8 +554,7 @@ async fn sigkill_loses_nothing_acknowledged() {
 async fn transdb_checkpoint_writes_a_checkpoint_and_drops_the_log_it_covers() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let server = serve(&data_dir, &["--log-segment-bytes", "400"]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &["--log-segment-bytes", "400"]).await;
     client
         .deploy("bank", &procedure_module("bank"))
         .await
@@ -609,8 +612,7 @@ async fn transdb_checkpoint_writes_a_checkpoint_and_drops_the_log_it_covers() {
     let expected = observe(&client).await;
     kill(server);
 
-    let server = serve(&data_dir, &["--log-segment-bytes", "400"]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &["--log-segment-bytes", "400"]).await;
     assert_eq!(observe(&client).await, expected);
     assert_eq!(
         client.get("across").await.unwrap().as_deref(),
@@ -632,8 +634,7 @@ async fn transdb_checkpoint_writes_a_checkpoint_and_drops_the_log_it_covers() {
     assert_eq!(only_checkpoint(&data_dir), second.path);
     let expected = observe(&client).await;
     terminate(server);
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     assert_eq!(observe(&client).await, expected);
     terminate(server);
 }
@@ -748,8 +749,7 @@ async fn checkpoints_and_backups_under_traffic_are_consistent() {
     let backup = dir.path().join("backup");
     let restored = dir.path().join("restored");
     let args = ["--log-segment-bytes", "2000"];
-    let server = serve(&data_dir, &args);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &args).await;
     client
         .deploy("bank", &procedure_module("bank"))
         .await
@@ -824,8 +824,7 @@ async fn checkpoints_and_backups_under_traffic_are_consistent() {
     assert!(copy.position > started && copy.position < end, "{copy:?}");
     kill(server);
 
-    let server = serve(&data_dir, &args);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &args).await;
     assert_eq!(observe(&client).await, expected);
     assert_eq!(
         client.get("count").await.unwrap(),
@@ -846,8 +845,7 @@ async fn checkpoints_and_backups_under_traffic_are_consistent() {
         b"",
     );
     assert!(output.status.success(), "{}", output.stderr);
-    let server = serve(&restored, &[]);
-    let client = client_of_child(&server, &restored).await;
+    let (server, client) = served(&restored, &[]).await;
     let accounts = r#"{"accounts":["a","b","c","d"]}"#;
     let total = client.call_json("bank", "total", accounts).await.unwrap();
     assert_eq!(total, "400", "the backup is one consistent moment");
@@ -873,8 +871,7 @@ async fn backup_then_restore_gives_a_server_with_the_same_state_and_modules() {
     let backup = dir.path().join("backup");
     let restored = dir.path().join("restored");
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     rich_workload(&client).await;
     let at_backup = observe(&client).await;
     let keys: u64 = client
@@ -974,8 +971,7 @@ async fn backup_then_restore_gives_a_server_with_the_same_state_and_modules() {
     );
     assert!(line.contains("transdb serve --data-dir"), "{line}");
 
-    let copy = serve(&restored, &[]);
-    let copy_client = client_of_child(&copy, &restored).await;
+    let (copy, copy_client) = served(&restored, &[]).await;
     assert_eq!(observe(&copy_client).await, at_backup);
     assert_eq!(copy_client.get("after-backup").await.unwrap(), None);
     check_restored(&copy_client, &at_backup).await;
@@ -1002,8 +998,7 @@ async fn backup_then_restore_gives_a_server_with_the_same_state_and_modules() {
         files,
         "the refused restore changed nothing"
     );
-    let copy = serve(&restored, &[]);
-    let copy_client = client_of_child(&copy, &restored).await;
+    let (copy, copy_client) = served(&restored, &[]).await;
     assert_eq!(observe(&copy_client).await, copy_state);
     terminate(copy);
 }
@@ -1017,8 +1012,7 @@ async fn backup_then_restore_gives_a_server_with_the_same_state_and_modules() {
 async fn durability_none_keeps_nothing_and_refuses_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let server = serve(&data_dir, &["--durability", "none"]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &["--durability", "none"]).await;
     let empty = observe(&client).await;
     client.put("k", b"v").await.unwrap();
     client.deploy("kv", &procedure_module("kv")).await.unwrap();
@@ -1048,8 +1042,7 @@ async fn durability_none_keeps_nothing_and_refuses_checkpoints() {
         );
     }
 
-    let server = serve(&data_dir, &["--durability", "none"]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &["--durability", "none"]).await;
     assert_eq!(observe(&client).await, empty, "a restart starts empty");
     assert_eq!(client.get("k").await.unwrap(), None);
     terminate(server);
@@ -1062,8 +1055,7 @@ async fn durability_async_keeps_acknowledged_writes_across_a_graceful_restart() 
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let args = ["--durability", "async", "--fsync-interval-ms", "60000"];
-    let server = serve(&data_dir, &args);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &args).await;
     client.deploy("kv", &procedure_module("kv")).await.unwrap();
     // Concurrent writers, so that acknowledged writes wait in the log at the stop.
     let writers: Vec<_> = (0..4)
@@ -1091,8 +1083,7 @@ async fn durability_async_keeps_acknowledged_writes_across_a_graceful_restart() 
     let expected = observe(&client).await;
     terminate(server);
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     assert_eq!(observe(&client).await, expected);
     assert_eq!(
         client.get("w3:49").await.unwrap().as_deref(),
@@ -1280,8 +1271,7 @@ async fn writes_acknowledged_after_a_crash_that_left_an_empty_segment_survive() 
     )
     .unwrap();
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     // Before anything else: a read or `Stats` would take a position too.
     client
         .put("acknowledged", b"after the crash")
@@ -1290,8 +1280,7 @@ async fn writes_acknowledged_after_a_crash_that_left_an_empty_segment_survive() 
     let expected = observe(&client).await;
     kill(server);
 
-    let server = serve(&data_dir, &[]);
-    let client = client_of_child(&server, &data_dir).await;
+    let (server, client) = served(&data_dir, &[]).await;
     assert_eq!(
         client.get("acknowledged").await.unwrap().as_deref(),
         Some(&b"after the crash"[..]),

@@ -85,6 +85,24 @@ impl Node {
     }
 }
 
+/// The restarted `node` on `dir` is usable for good: `count` new writes are acknowledged
+/// and, after another restart, read back with every write of `earlier`.
+async fn assert_new_writes_last(
+    dir: &Path,
+    node: Node,
+    earlier: &[(String, String)],
+    count: usize,
+    context: &str,
+) {
+    let mut expected = earlier.to_vec();
+    expected.extend(put_acknowledged(&node, "after-restart-", count).await);
+    node.stop().await;
+    let node = Node::start(dir).await;
+    node.assert_holds(&expected, &format!("{context}: after a second restart"))
+        .await;
+    node.stop().await;
+}
+
 /// Awaits `future`, failing the test if it takes longer than [`PATIENCE`].
 async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(PATIENCE, future)
@@ -280,7 +298,6 @@ async fn a_failed_log_fsync_is_reported_and_later_transactions_are_refused() {
         );
     }
     // The restarted server is fully usable: writes, calls, and they last.
-    node.put("after-restart", "durable").await.unwrap();
     assert_eq!(
         within(
             "call",
@@ -290,15 +307,7 @@ async fn a_failed_log_fsync_is_reported_and_later_transactions_are_refused() {
         .unwrap(),
         r#""called""#
     );
-    node.stop().await;
-    let node = Node::start(dir.path()).await;
-    node.assert_holds(&acknowledged, "after a second restart")
-        .await;
-    assert_eq!(
-        node.get("after-restart").await.unwrap().as_deref(),
-        Some(&b"durable"[..])
-    );
-    node.stop().await;
+    assert_new_writes_last(dir.path(), node, &acknowledged, 1, "log-fsync").await;
     scenario.teardown();
 }
 
@@ -352,16 +361,7 @@ async fn a_failed_log_write_is_reported_and_the_write_is_absent_after_restart() 
         "the Put whose write failed is absent"
     );
     assert_eq!(node.get("after-fault").await.unwrap(), None);
-    node.put("after-restart", "durable").await.unwrap();
-    node.stop().await;
-    let node = Node::start(dir.path()).await;
-    node.assert_holds(&acknowledged, "after a second restart")
-        .await;
-    assert_eq!(
-        node.get("after-restart").await.unwrap().as_deref(),
-        Some(&b"durable"[..])
-    );
-    node.stop().await;
+    assert_new_writes_last(dir.path(), node, &acknowledged, 1, "log-write").await;
     scenario.teardown();
 }
 
@@ -395,12 +395,7 @@ async fn a_failed_first_segment_is_reported_and_a_restart_works() {
     let node = Node::start(dir.path()).await;
     assert_eq!(node.get("first").await.unwrap(), None);
     assert_eq!(node.get("second").await.unwrap(), None);
-    let acknowledged = put_acknowledged(&node, "after-", 5).await;
-    node.stop().await;
-    let node = Node::start(dir.path()).await;
-    node.assert_holds(&acknowledged, "after the second restart")
-        .await;
-    node.stop().await;
+    assert_new_writes_last(dir.path(), node, &[], 5, "log-create-segment").await;
     scenario.teardown();
 }
 
@@ -658,13 +653,7 @@ async fn empty_segment_then_two_restarts(point: &str) {
 
     let node = Node::start(dir.path()).await;
     assert_eq!(node.get("lost").await.unwrap(), None);
-    let acknowledged = put_acknowledged(&node, "after-", 10).await;
-    node.stop().await;
-
-    let node = Node::start(dir.path()).await;
-    node.assert_holds(&acknowledged, &format!("{point}: after the second restart"))
-        .await;
-    node.stop().await;
+    assert_new_writes_last(dir.path(), node, &[], 10, point).await;
 }
 
 /// A `log-write` failure right after the log started a new segment leaves a segment that
