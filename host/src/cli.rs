@@ -1,7 +1,7 @@
 //! The `transdb` command line: `serve` runs a server, the other commands are a client.
 //!
 //! Exit status: 0 success, 1 `get` of a missing key, 2 any error (the message on stderr
-//! says what to do).
+//! says what to do). `transdb stress` has its own: see [`crate::stress`].
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -103,6 +103,13 @@ pub enum Command {
         /// The directory, as the server's machine names it (an absolute path is safest).
         dir: String,
     },
+    /// Measure throughput and latency: a workload from many clients for a while, against
+    /// --server or a server started in this process (--embedded).
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Drive a server with concurrent writers and transfers and check correctness while it
+    /// runs. Exit status: 0 pass, 1 error rate above --max-error-rate, 2 more correctness
+    /// violations than --max-violations, 3 the server could not be started or reached.
+    Stress(Box<crate::stress::StressArgs>),
     /// Offline: make a new data directory from a backup (then `transdb serve --data-dir`).
     Restore {
         /// The directory `transdb backup` wrote.
@@ -224,9 +231,31 @@ pub struct ServeArgs {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // `transdb stress` reserves 1 and 2 for what it finds; a usage error means the
+            // run could not be set up.
+            let stress = std::env::args().any(|argument| argument == "stress");
+            if stress && error.use_stderr() {
+                let _ = error.print();
+                return ExitCode::from(crate::stress::EXIT_SETUP);
+            }
+            error.exit();
+        }
+    };
     let outcome = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Bench(ref args) => bench(&cli, args),
+        Command::Stress(ref args) => {
+            return load_runtime().map_or(ExitCode::from(crate::stress::EXIT_SETUP), |runtime| {
+                runtime.block_on(crate::stress::main(
+                    &cli.server,
+                    || client_config(&cli),
+                    args,
+                ))
+            });
+        }
         Command::Restore {
             ref from,
             ref data_dir,
@@ -307,6 +336,29 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         println!("transdb stopped ({} requests abandoned)", report.abandoned);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The runtime of `bench` and `stress`: a worker per core, as the server has, so that an
+/// embedded server and the clients share the machine as two processes would.
+fn load_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn bench(cli: &Cli, args: &crate::bench::BenchArgs) -> Result<ExitCode> {
+    let runtime = load_runtime()?;
+    let report = runtime.block_on(crate::bench::run(&cli.server, || client_config(cli), args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        report.print();
+    }
+    if report.total_changed() {
+        anyhow::bail!("the bank's total changed during the run: transfers were not atomic");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn restore(from: &std::path::Path, data_dir: &std::path::Path) -> Result<ExitCode> {
@@ -504,8 +556,8 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 info.position, info.keys, info.bytes, info.path
             );
         }
-        Command::Serve(_) | Command::Restore { .. } => {
-            unreachable!("serve and restore are handled by the caller")
+        Command::Serve(_) | Command::Restore { .. } | Command::Bench(_) | Command::Stress(_) => {
+            unreachable!("serve, restore, bench and stress are handled by the caller")
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -20,11 +20,14 @@
 //! - [`store`]: the sharded in-memory map;
 //! - [`server`]: wires the stages together, owns the data directory, shuts down gracefully;
 //! - [`identity`]: the TLS certificate and key; [`config`]: settings and named limits;
-//! - [`cli`]: the `transdb` command line (server and client).
+//! - [`cli`]: the `transdb` command line (server and client);
+//! - [`bench`] and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
+//!   load generator that checks correctness while it runs).
 //!
 //! The sequencer and command log will supply the positions the scheduler hands out today.
 
 pub mod admission;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod durability;
@@ -41,6 +44,7 @@ pub mod scheduler;
 pub mod sequencer;
 pub mod server;
 pub mod store;
+pub mod stress;
 pub mod transaction;
 pub mod two_phase;
 

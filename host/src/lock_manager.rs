@@ -240,10 +240,10 @@ mod tests {
             "b is only read so far"
         );
         assert_eq!(locks.release(1), vec![2, 3], "both readers at once");
-        assert_eq!(locks.release(3), vec![]);
+        assert_eq!(locks.release(3), Vec::<u64>::new());
         assert_eq!(locks.release(2), vec![4]);
-        assert_eq!(locks.release(5), vec![]);
-        assert_eq!(locks.release(4), vec![]);
+        assert_eq!(locks.release(5), Vec::<u64>::new());
+        assert_eq!(locks.release(4), Vec::<u64>::new());
         assert!(locks.is_empty());
         assert!(locks.queues.is_empty(), "no queue outlives its requests");
     }
