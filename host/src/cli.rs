@@ -236,7 +236,7 @@ pub fn main() -> ExitCode {
         Err(error) => {
             // `transdb stress` reserves 1 and 2 for what it finds; a usage error means the
             // run could not be set up.
-            let stress = std::env::args().any(|argument| argument == "stress");
+            let stress = subcommand(std::env::args().skip(1)).as_deref() == Some("stress");
             if stress && error.use_stderr() {
                 let _ = error.print();
                 return ExitCode::from(crate::stress::EXIT_SETUP);
@@ -336,6 +336,21 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         println!("transdb stopped ({} requests abandoned)", report.abandoned);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The subcommand named in `arguments` (the program name left out): the first argument
+/// that is neither a global option nor its value.
+fn subcommand(arguments: impl IntoIterator<Item = String>) -> Option<String> {
+    const GLOBALS_WITH_VALUES: [&str; 3] = ["--server", "--ca", "--server-name"];
+    let mut arguments = arguments.into_iter();
+    while let Some(argument) = arguments.next() {
+        if GLOBALS_WITH_VALUES.contains(&argument.as_str()) {
+            arguments.next();
+        } else if !argument.starts_with('-') {
+            return Some(argument);
+        }
+    }
+    None
 }
 
 /// The runtime of `bench` and `stress`: a worker per core, as the server has, so that an
@@ -621,6 +636,20 @@ mod tests {
                 BatchOp::Delete { key: "c".into() },
             ]
         );
+    }
+
+    #[test]
+    fn the_subcommand_is_found_past_global_options() {
+        let find = |line: &str| subcommand(words(line));
+        assert_eq!(find("stress --duration 1").as_deref(), Some("stress"));
+        assert_eq!(
+            find("--server 127.0.0.1:1 --ca cert.pem stress --bogus").as_deref(),
+            Some("stress")
+        );
+        assert_eq!(find("--server=h:1 stress").as_deref(), Some("stress"));
+        assert_eq!(find("get stress --bogus").as_deref(), Some("get"));
+        assert_eq!(find("--server stress get").as_deref(), Some("get"));
+        assert_eq!(find("--help"), None);
     }
 
     #[test]

@@ -285,12 +285,21 @@ async fn stress(target: &bench::Target, args: &StressArgs) -> Result<StressRepor
         .map(|index| format!("stress-{run}-{index}"))
         .collect();
     let keys: Vec<String> = names.iter().map(|name| bench::account_key(name)).collect();
-    let expected = args.balance * args.accounts as i64;
+    // The total to conserve: what the accounts hold before any transfer (a reused --run-id
+    // finds its accounts as the earlier run left them).
+    let mut expected = 0;
     if args.transferers > 0 {
         bench::ensure_bank(&setup, &args.target.module).await?;
-        bench::open_accounts(&setup, &names, args.balance)
+        let existing = bench::open_accounts(&setup, &names, args.balance)
             .await
             .context("cannot open the run's accounts")?;
+        expected = if existing == 0 {
+            args.balance * args.accounts as i64
+        } else {
+            bench::bank_total(&setup, &names)
+                .await
+                .context("cannot read the total of the accounts an earlier run left")?
+        };
     }
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -445,7 +454,7 @@ async fn stress(target: &bench::Target, args: &StressArgs) -> Result<StressRepor
 }
 
 /// What a read of an owned key may return: the last acknowledged value, plus the values of
-/// writes since whose outcome is unknown.
+/// writes since whose outcome is unknown; empty: anything (the key's start is unknown).
 struct KeyState {
     possible: Vec<Option<Vec<u8>>>,
 }
@@ -455,7 +464,7 @@ impl KeyState {
     /// is reported once, not at every later read).
     fn check(&mut self, key: &str, read: Option<Vec<u8>>, shared: &Shared) {
         shared.reads_checked.fetch_add(1, Ordering::Relaxed);
-        if !self.possible.contains(&read) {
+        if !self.possible.is_empty() && !self.possible.contains(&read) {
             let show = |value: &Option<Vec<u8>>| match value {
                 Some(bytes) => format!("{:?}", String::from_utf8_lossy(bytes)),
                 None => "nothing".to_owned(),
@@ -478,7 +487,7 @@ impl KeyState {
         match outcome {
             Ok(()) => self.possible = vec![value],
             Err(error) if effect_unknown(error) => {
-                if !self.possible.contains(&value) {
+                if !self.possible.is_empty() && !self.possible.contains(&value) {
                     self.possible.push(value);
                 }
             }
@@ -513,17 +522,19 @@ async fn writer_loop(
     shared: Arc<Shared>,
 ) -> (Client, Vec<(String, KeyState)>) {
     let mut random = Random::new(seed);
-    let mut keys: Vec<(String, KeyState)> = owned
-        .into_iter()
-        .map(|key| {
-            (
-                key,
-                KeyState {
-                    possible: vec![None],
-                },
-            )
-        })
-        .collect();
+    // Start from a known state: a reused --run-id finds the values of an earlier run. If the
+    // delete fails, the key may hold anything, and the first read is taken as it is.
+    let mut keys = Vec::with_capacity(owned.len());
+    for key in owned {
+        let outcome = client.delete(&key).await.map(drop);
+        count(&outcome, &shared);
+        let possible = if outcome.is_ok() {
+            vec![None]
+        } else {
+            Vec::new()
+        };
+        keys.push((key, KeyState { possible }));
+    }
     let mut counter = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         let index = random.below(keys.len() as u64) as usize;
