@@ -21,6 +21,10 @@ use transdb_host::{Server, ServerConfig};
 use transdb_procedures_bank::{Accounts, Open, Transfer};
 use transdb_proto::ErrorCode;
 
+/// The server's allocator, as in the `transdb` binary (see docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run the bank demo against a TransDB server.
 #[derive(Parser, Debug)]
 #[command(name = "bank-app", version, about)]
