@@ -11,15 +11,19 @@
 //!   snapshot reads, two writes, commit); a commit that loses a race is a `conflict` abort.
 //!
 //! `--clients C` tasks each keep `--pipeline P` requests in flight: they send P, wait for all
-//! P answers, and send the next P (as `redis-benchmark -P` does). Clients share
+//! P answers, and send the next P (as `redis-benchmark -P` does). Pipelined requests travel
+//! together on one stream ([`Client::pipeline`]); `interactive-bank` runs P transactions at
+//! once instead. Clients share
 //! `--connections` QUIC connections (default 1: the tasks of an application share one
 //! `Client`, and so one connection, whose packets then carry several requests each). A transaction the workload
 //! itself gives up (insufficient funds, a conflict) is an *abort* and counts as an operation;
 //! anything else that fails is an *error*, counted by kind and not as an operation.
 //!
 //! `--rate R` paces the clients to R operations per second in all (to measure latency below
-//! saturation). A paced operation's latency counts from when it was due, not from when it was
-//! sent, so a server that falls behind shows it in the percentiles (no coordinated omission).
+//! saturation). A paced client that is behind its schedule counts its operations' latency
+//! from when they were due, not from when they were sent, so a server that falls behind
+//! shows it in the percentiles (no coordinated omission); being woken up to
+//! 2 ms late by the timer (whose tick is a millisecond) does not count.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +48,9 @@ pub const TOTAL_CHUNK: usize = 1_000;
 const SETUP_CONCURRENCY: usize = 64;
 /// Keys per batch while loading the key space.
 const LOAD_BATCH: usize = 100;
+/// How late a paced client's timer may wake it before the delay counts as the server's
+/// (Tokio's timer ticks every millisecond).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 
@@ -712,17 +719,30 @@ async fn client_loop(
         let started = match (&mut due, period) {
             (Some(due), Some(period)) => {
                 tokio::time::sleep_until(*due).await;
-                let started = due.into_std();
+                let woke = Instant::now();
+                // A client behind its schedule (its previous round ran long) counts from when
+                // the round was due; one woken a little late by the timer's granularity
+                // (a millisecond) counts from when it sends.
+                let late = woke.saturating_duration_since(due.into_std());
+                let started = if late <= TIMER_SLACK {
+                    woke
+                } else {
+                    due.into_std()
+                };
                 *due += period;
                 started
             }
             _ => Instant::now(),
         };
-        round.clear();
-        for _ in 0..pipeline {
-            round.push(operation(&client, &plan, &mut random));
-        }
-        let outcomes = futures_util::future::join_all(round.drain(..)).await;
+        let outcomes = if pipeline > 1 && plan.workload != Workload::InteractiveBank {
+            pipelined(&client, &plan, &mut random, pipeline).await
+        } else {
+            round.clear();
+            for _ in 0..pipeline {
+                round.push(operation(&client, &plan, &mut random));
+            }
+            futures_util::future::join_all(round.drain(..)).await
+        };
         for (outcome, finished) in outcomes {
             let latency = finished.saturating_duration_since(started);
             match outcome {
@@ -739,6 +759,57 @@ async fn client_loop(
         done.fetch_add(pipeline as u64, Ordering::Relaxed);
     }
     tally
+}
+
+/// `pipeline` operations of the plan's workload sent on one stream
+/// ([`Client::pipeline`]), and when their answers were in.
+async fn pipelined(
+    client: &Client,
+    plan: &Plan,
+    random: &mut Random,
+    pipeline: usize,
+) -> Vec<(Outcome, Instant)> {
+    use std::borrow::Cow;
+    use transdb_proto::Request;
+    let mut requests = Vec::with_capacity(pipeline);
+    for _ in 0..pipeline {
+        requests.push(match plan.workload.read_fraction() {
+            Some(reads) => {
+                let key = Cow::Owned(bench_key(random.below(plan.key_space)));
+                if random.chance(reads) {
+                    Request::Get { key }
+                } else {
+                    Request::Put {
+                        key,
+                        value: Cow::Borrowed(&plan.value[..]),
+                    }
+                }
+            }
+            None => {
+                let (from, to) = pick_pair(random, plan.accounts.len(), plan.hot_fraction);
+                let transfer = Transfer {
+                    from: &plan.accounts[from],
+                    to: &plan.accounts[to],
+                    amount: 1,
+                };
+                Request::Call {
+                    module: Cow::Borrowed("bank"),
+                    procedure: Cow::Borrowed("transfer"),
+                    encoding: transdb_proto::message::Encoding::Postcard,
+                    args: Cow::Owned(postcard::to_allocvec(&transfer).expect("encodable")),
+                }
+            }
+        });
+    }
+    let answers = client.pipeline(&requests).await;
+    let finished = Instant::now();
+    match answers {
+        Ok(answers) => answers
+            .into_iter()
+            .map(|answer| (settle(answer.map(drop)), finished))
+            .collect(),
+        Err(error) => (0..pipeline).map(|_| (failed(&error), finished)).collect(),
+    }
 }
 
 /// One operation of the plan's workload, and when it finished.
