@@ -328,8 +328,9 @@ struct Accounts<'a> {
     accounts: &'a [String],
 }
 
-/// Opens accounts that do not exist yet, with `balance` each; returns how many existed.
-pub(crate) async fn open_accounts(client: &Client, names: &[String], balance: i64) -> Result<u64> {
+/// Opens accounts that do not exist yet, with `balance` each (by `bank.open`, 64 at a
+/// time); returns how many existed already.
+pub async fn open_accounts(client: &Client, names: &[String], balance: i64) -> Result<u64> {
     let mut existing = 0;
     for chunk in names.chunks(SETUP_CONCURRENCY) {
         let mut opening = tokio::task::JoinSet::new();
@@ -359,9 +360,9 @@ pub(crate) async fn open_accounts(client: &Client, names: &[String], balance: i6
     Ok(existing)
 }
 
-/// The sum of the balances of `names` by `bank.total`, in chunks: one consistent total
-/// only while no transfer runs.
-pub(crate) async fn bank_total(client: &Client, names: &[String]) -> Result<i64> {
+/// The sum of the balances of `names` by `bank.total`, in chunks of [`TOTAL_CHUNK`]: one
+/// consistent total only while no transfer runs.
+pub async fn bank_total(client: &Client, names: &[String]) -> Result<i64> {
     let mut total = 0i64;
     for chunk in names.chunks(TOTAL_CHUNK) {
         let sum: i64 = client
@@ -588,16 +589,7 @@ async fn bench(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let start = Instant::now();
-    let progress = if args.json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {elapsed:>3} {msg}")
-                .expect("a valid template"),
-        );
-        bar
-    };
+    let progress = progress_bar(duration, args.json);
     while start.elapsed() < duration {
         tokio::time::sleep(PROGRESS_TICK.min(duration.saturating_sub(start.elapsed()))).await;
         let elapsed = start.elapsed().min(duration);
@@ -664,6 +656,20 @@ async fn bench(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     })
 }
 
+/// A progress bar over `duration` on stderr, or a hidden one (`--json`). It draws only on a
+/// terminal.
+pub(crate) fn progress_bar(duration: Duration, hidden: bool) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {elapsed:>3} {msg}")
+            .expect("a valid template"),
+    );
+    bar
+}
+
 /// The key of key-value workload key `index`.
 fn bench_key(index: u64) -> String {
     format!("bench:{index:012}")
@@ -671,10 +677,13 @@ fn bench_key(index: u64) -> String {
 
 /// Puts every key of the key space, so that gets find values.
 async fn load_keys(client: &Client, key_space: u64, value: &[u8]) -> Result<()> {
+    // As many keys per batch as fit in one request frame (a value may be up to 4 MiB).
+    let per_batch =
+        (transdb_proto::limits::MAX_VALUE_BYTES / (value.len() + 64)).clamp(1, LOAD_BATCH);
     let value: Arc<[u8]> = value.into();
     let batches: Vec<(u64, u64)> = (0..key_space)
-        .step_by(LOAD_BATCH)
-        .map(|first| (first, (first + LOAD_BATCH as u64).min(key_space)))
+        .step_by(per_batch)
+        .map(|first| (first, (first + per_batch as u64).min(key_space)))
         .collect();
     for group in batches.chunks(SETUP_CONCURRENCY) {
         let mut loading = tokio::task::JoinSet::new();

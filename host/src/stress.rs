@@ -206,6 +206,9 @@ fn check_args(args: &StressArgs) -> Result<()> {
     if args.balance < 0 {
         bail!("--balance must not be negative");
     }
+    if args.balance.checked_mul(args.accounts as i64).is_none() {
+        bail!("--balance times --accounts must fit in a 64-bit signed integer");
+    }
     if !(0.0..=1.0).contains(&args.max_error_rate) {
         bail!("--max-error-rate must be between 0 and 1");
     }
@@ -351,16 +354,7 @@ async fn stress(target: &bench::Target, args: &StressArgs) -> Result<StressRepor
     });
 
     let duration = Duration::from_secs_f64(args.duration);
-    let progress = if args.json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {elapsed:>3} {msg}")
-                .expect("a valid template"),
-        );
-        bar
-    };
+    let progress = bench::progress_bar(duration, args.json);
     let start = Instant::now();
     while start.elapsed() < duration {
         tokio::time::sleep(PROGRESS_TICK.min(duration.saturating_sub(start.elapsed()))).await;

@@ -15,10 +15,11 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use transdb_client::{Client, ClientConfig, Error};
+use transdb_host::bench::{bank_total, open_accounts};
 use transdb_host::cli::DurabilityArg;
 use transdb_host::log::Durability;
 use transdb_host::{Server, ServerConfig};
-use transdb_procedures_bank::{Accounts, Open, Transfer};
+use transdb_procedures_bank::Transfer;
 use transdb_proto::ErrorCode;
 
 /// The server's allocator, as in the `transdb` binary (see docs/performance.md).
@@ -63,9 +64,6 @@ struct Args {
     #[arg(long, default_value = transdb_host::config::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
 }
-
-/// Accounts opened concurrently while setting up.
-const OPENING_CONCURRENCY: usize = 64;
 
 /// Tasks per QUIC connection: one connection carries many concurrent requests.
 const CLIENTS_PER_CONNECTION: usize = 10;
@@ -138,8 +136,11 @@ async fn run(args: Args) -> Result<()> {
     let names: Vec<String> = (0..args.accounts)
         .map(|account| format!("acct-{account}"))
         .collect();
-    open_accounts(&client, &names, args.balance).await?;
-    let before = total(&client, &names).await?;
+    let existing = open_accounts(&client, &names, args.balance).await?;
+    if existing > 0 {
+        println!("{existing} accounts existed already (kept as they are)");
+    }
+    let before = bank_total(&client, &names).await?;
     println!(
         "{} accounts hold {before} units; {} clients transfer for {} s",
         names.len(),
@@ -151,7 +152,7 @@ async fn run(args: Args) -> Result<()> {
     let report = transfer_for(&addr, &config, names.clone(), &args).await?;
     report.print();
 
-    let after = total(&client, &names).await?;
+    let after = bank_total(&client, &names).await?;
     if after != before {
         bail!("TOTAL CHANGED: {before} before, {after} after: transfers were not atomic");
     }
@@ -171,53 +172,6 @@ async fn run(args: Args) -> Result<()> {
         }
         client.close().await;
         server.shutdown().await;
-    }
-    Ok(())
-}
-
-/// Accounts one `bank.total` call sums: a call's fuel bounds how many it can read.
-const TOTAL_CHUNK: usize = 1_000;
-
-/// The sum of all balances, by `bank.total` over chunks of accounts (taken while no
-/// transfer runs, so the chunks add up to one consistent total).
-async fn total(client: &Client, names: &[String]) -> Result<i64> {
-    let mut total = 0;
-    for chunk in names.chunks(TOTAL_CHUNK) {
-        let accounts = Accounts {
-            accounts: chunk.to_vec(),
-        };
-        total += client.call::<_, i64>("bank", "total", &accounts).await?;
-    }
-    Ok(total)
-}
-
-async fn open_accounts(client: &Client, names: &[String], balance: i64) -> Result<()> {
-    let mut existing = 0;
-    for chunk in names.chunks(OPENING_CONCURRENCY) {
-        let mut opening = tokio::task::JoinSet::new();
-        for name in chunk {
-            let (client, account) = (client.clone(), name.clone());
-            opening.spawn(async move {
-                client
-                    .call::<_, ()>("bank", "open", &Open { account, balance })
-                    .await
-            });
-        }
-        while let Some(opened) = opening.join_next().await {
-            match opened? {
-                Ok(()) => {}
-                Err(Error::Rejected(error))
-                    if error.code == ErrorCode::ABORTED
-                        && error.message.contains("already exists") =>
-                {
-                    existing += 1;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-    }
-    if existing > 0 {
-        println!("{existing} accounts existed already (kept as they are)");
     }
     Ok(())
 }
