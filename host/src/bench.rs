@@ -44,6 +44,10 @@ use crate::server::Server;
 
 /// Accounts a `bank.total` call sums at most (its fuel bounds how many it can read).
 pub const TOTAL_CHUNK: usize = 1_000;
+/// Most `--clients` (tasks of this process).
+pub const MAX_CLIENTS: usize = 10_000;
+/// Most `--pipeline` (requests one client writes before reading the answers).
+pub const MAX_PIPELINE: usize = 10_000;
 /// Calls or batches in flight while accounts are opened or keys loaded.
 const SETUP_CONCURRENCY: usize = 64;
 /// Keys per batch while loading the key space.
@@ -501,8 +505,11 @@ pub async fn run(
 }
 
 fn check_args(args: &BenchArgs) -> Result<()> {
-    if args.clients == 0 || args.pipeline == 0 {
-        bail!("--clients and --pipeline must be at least 1");
+    if !(1..=MAX_CLIENTS).contains(&args.clients) {
+        bail!("--clients must be between 1 and {MAX_CLIENTS}");
+    }
+    if !(1..=MAX_PIPELINE).contains(&args.pipeline) {
+        bail!("--pipeline must be between 1 and {MAX_PIPELINE}");
     }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");

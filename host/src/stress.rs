@@ -194,6 +194,12 @@ fn check_args(args: &StressArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be a positive number of seconds");
     }
+    if args.writers > bench::MAX_CLIENTS || args.transferers > bench::MAX_CLIENTS {
+        bail!(
+            "--writers and --transferers must each be at most {}",
+            bench::MAX_CLIENTS
+        );
+    }
     if args.writers + args.transferers == 0 {
         bail!("--writers and --transferers cannot both be 0");
     }

@@ -341,6 +341,8 @@ fn bench_refuses_bad_arguments_saying_which() {
     let too_large = (transdb_proto::limits::MAX_VALUE_BYTES + 1).to_string();
     for (bad, says) in [
         (["--clients", "0"], "--clients"),
+        (["--clients", "10001"], "--clients"),
+        (["--pipeline", "0"], "--pipeline"),
         (["--hot-fraction", "2"], "--hot-fraction"),
         (["--value-size", too_large.as_str()], "--value-size"),
     ] {
