@@ -21,7 +21,7 @@
 //! - [`server`]: wires the stages together, owns the data directory, shuts down gracefully;
 //! - [`identity`]: the TLS certificate and key; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client);
-//! - [`bench`] and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
+//! - [`bench`](mod@bench) and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
 //!   load generator that checks correctness while it runs).
 //!
 //! The sequencer and command log will supply the positions the scheduler hands out today.
