@@ -75,11 +75,15 @@ struct Pending {
     waiting: usize,
 }
 
+/// Its keys are lock ids and positions, already well spread: a fast hash (not SipHash) is
+/// enough, and the order of iteration is never relied upon.
+type FastHasher = foldhash::fast::RandomState;
+
 /// The lock table.
 #[derive(Debug, Default)]
 pub struct LockManager {
-    queues: HashMap<Lock, VecDeque<Request>>,
-    transactions: HashMap<Position, Pending>,
+    queues: HashMap<Lock, VecDeque<Request>, FastHasher>,
+    transactions: HashMap<Position, Pending, FastHasher>,
     last_position: Option<Position>,
 }
 
