@@ -164,6 +164,14 @@ fn target_args(server: &ChildServer, ca: &Path) -> Vec<String> {
     ]
 }
 
+/// `transdb stress` against `server`, then `options` (split at whitespace).
+fn stress_args(server: &ChildServer, ca: &Path, options: &str) -> Vec<String> {
+    let mut args = vec!["stress".to_owned()];
+    args.extend(target_args(server, ca));
+    args.extend(options.split_whitespace().map(String::from));
+    args
+}
+
 // ---------------------------------------------------------------------------------------
 // transdb bench
 
@@ -423,23 +431,10 @@ async fn a_foreign_write_to_an_owned_key_is_a_violation_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let (server, ca) = serve(dir.path(), &[]);
     let client = client_of(&server, &ca).await;
-    let mut args = vec!["stress".to_owned()];
-    args.extend(target_args(&server, &ca));
-    args.extend(
-        [
-            "--run-id",
-            "t1",
-            "--duration",
-            "3",
-            "--writers",
-            "2",
-            "--keys-per-writer",
-            "2",
-            "--transferers",
-            "0",
-            "--json",
-        ]
-        .map(String::from),
+    let args = stress_args(
+        &server,
+        &ca,
+        "--run-id t1 --duration 3 --writers 2 --keys-per-writer 2 --transferers 0 --json",
     );
     let stress = spawn_transdb(args);
     // Writer 0 owns this key; nobody else may change it while the run lasts.
@@ -466,30 +461,12 @@ async fn money_appearing_in_an_account_is_a_violation_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let (server, ca) = serve(dir.path(), &[]);
     let client = client_of(&server, &ca).await;
-    let mut args = vec!["stress".to_owned()];
-    args.extend(target_args(&server, &ca));
-    args.extend(
-        [
-            "--run-id",
-            "t1",
-            "--duration",
-            "3",
-            "--writers",
-            "2",
-            "--keys-per-writer",
-            "2",
-            "--transferers",
-            "2",
-            "--accounts",
-            "50",
-            "--balance",
-            "100",
-            "--json",
-            "--module",
-            &bank_module(),
-        ]
-        .map(String::from),
+    let mut args = stress_args(
+        &server,
+        &ca,
+        "--run-id t1 --duration 3 --writers 2 --keys-per-writer 2 --transferers 2 --accounts 50 --balance 100 --json",
     );
+    args.extend(["--module".to_owned(), bank_module()]);
     let stress = spawn_transdb(args);
     // The run opens its accounts after it starts: wait for the first one.
     let account = "account:stress-t1-0";
@@ -523,25 +500,12 @@ fn a_rerun_with_the_same_run_id_passes_against_a_correct_server() {
     // The second run finds the keys the first one left; with seed 3 some writer reads a
     // key before it writes it. What an earlier run left is not a violation of this one.
     for seed in ["1", "3"] {
-        let mut args = vec!["stress".to_owned()];
-        args.extend(target_args(&server, &ca));
-        args.extend(
-            [
-                "--run-id",
-                "again",
-                "--seed",
-                seed,
-                "--duration",
-                "1",
-                "--writers",
-                "2",
-                "--keys-per-writer",
-                "2",
-                "--transferers",
-                "0",
-                "--json",
-            ]
-            .map(String::from),
+        let args = stress_args(
+            &server,
+            &ca,
+            &format!(
+                "--run-id again --seed {seed} --duration 1 --writers 2 --keys-per-writer 2 --transferers 0 --json"
+            ),
         );
         let output = spawn_transdb(args).join().unwrap();
         let report = json_report(&output);
@@ -556,26 +520,12 @@ fn stress_errors_above_the_allowed_rate_exit_1() {
     // The checker reads all 50 balances in one transaction: over the limit, so every check
     // fails with TOO_MANY_KEYS, while the transfers (2 keys) and the writers go through.
     let (server, ca) = serve(dir.path(), &["--max-keys-per-call", "20"]);
-    let mut args = vec!["stress".to_owned()];
-    args.extend(target_args(&server, &ca));
-    args.extend(
-        [
-            "--duration",
-            "1",
-            "--writers",
-            "2",
-            "--transferers",
-            "2",
-            "--accounts",
-            "50",
-            "--max-error-rate",
-            "0",
-            "--json",
-            "--module",
-            &bank_module(),
-        ]
-        .map(String::from),
+    let mut args = stress_args(
+        &server,
+        &ca,
+        "--duration 1 --writers 2 --transferers 2 --accounts 50 --max-error-rate 0 --json",
     );
+    args.extend(["--module".to_owned(), bank_module()]);
     let output = spawn_transdb(args).join().unwrap();
     let report = json_report(&output);
     assert_eq!(output.status.code(), Some(1), "{report}");
