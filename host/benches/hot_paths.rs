@@ -30,7 +30,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use transdb_host::lock_manager::{LockManager, LockSet, Mode, Position, lock_id};
 use transdb_host::procedures::Procedures;
-use transdb_host::runtime::{Runtime, RuntimeLimits};
+use transdb_host::runtime::{PreparedCall, Runtime, RuntimeLimits};
 use transdb_host::scheduler::Scheduler;
 use transdb_host::store::Store;
 use transdb_proto::frame;
@@ -294,6 +294,19 @@ impl Bank {
         .unwrap()
     }
 
+    /// The first half of a transfer call with `arguments`: instantiated, keys declared.
+    fn prepare_transfer(&self, arguments: &[u8]) -> PreparedCall {
+        self.procedures
+            .prepare(
+                "bank",
+                "transfer",
+                Encoding::Postcard,
+                arguments,
+                &self.store,
+            )
+            .unwrap()
+    }
+
     /// The sum of all balances.
     fn total(&self) -> i64 {
         (0..KEYS)
@@ -317,16 +330,7 @@ fn wasm_call(c: &mut Criterion) {
         let mut cycle = Cycle::new(KEYS);
         b.iter(|| {
             let arguments = bank.transfer_arguments(cycle.next());
-            let prepared = bank
-                .procedures
-                .prepare(
-                    "bank",
-                    "transfer",
-                    Encoding::Postcard,
-                    &arguments,
-                    &bank.store,
-                )
-                .unwrap();
+            let prepared = bank.prepare_transfer(&arguments);
             let grant = bank
                 .scheduler
                 .acquire_blocking(prepared.lock_set())
@@ -343,16 +347,7 @@ fn wasm_call(c: &mut Criterion) {
         let mut cycle = Cycle::new(KEYS);
         b.iter(|| {
             let arguments = bank.transfer_arguments(cycle.next());
-            let prepared = bank
-                .procedures
-                .prepare(
-                    "bank",
-                    "transfer",
-                    Encoding::Postcard,
-                    &arguments,
-                    &bank.store,
-                )
-                .unwrap();
+            let prepared = bank.prepare_transfer(&arguments);
             black_box(prepared.lock_set())
         })
     });

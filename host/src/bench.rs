@@ -39,7 +39,6 @@ use transdb_proto::ErrorCode;
 
 use crate::cli::DurabilityArg;
 use crate::config::ServerConfig;
-use crate::log::Durability;
 use crate::server::Server;
 
 /// Accounts a `bank.total` call sums at most (its fuel bounds how many it can read).
@@ -253,7 +252,9 @@ impl Target {
             .context("cannot create a temporary data directory for --embedded")?;
         let mut config = ServerConfig::new(dir.path());
         config.listen = "127.0.0.1:0".parse().expect("a valid address");
-        config.durability = durability(args.durability);
+        config.durability = args
+            .durability
+            .durability(crate::log::DEFAULT_FSYNC_INTERVAL);
         let server = Server::start(config)
             .await
             .context("cannot start the embedded server")?;
@@ -270,17 +271,6 @@ impl Target {
             server.shutdown().await;
             drop(dir);
         }
-    }
-}
-
-/// The server's durability for a `--durability` argument.
-pub(crate) fn durability(arg: DurabilityArg) -> Durability {
-    match arg {
-        DurabilityArg::Sync => Durability::Sync,
-        DurabilityArg::Async => Durability::Async {
-            interval: crate::log::DEFAULT_FSYNC_INTERVAL,
-        },
-        DurabilityArg::None => Durability::None,
     }
 }
 
@@ -366,26 +356,27 @@ pub async fn open_accounts(client: &Client, names: &[String], balance: i64) -> R
 
 /// The sum of the balances of `names` by `bank.total`, in chunks of [`TOTAL_CHUNK`]: one
 /// consistent total only while no transfer runs.
-pub async fn bank_total(client: &Client, names: &[String]) -> Result<i64> {
+pub async fn bank_total(client: &Client, names: &[String]) -> Result<i64, Error> {
     let mut total = 0i64;
     for chunk in names.chunks(TOTAL_CHUNK) {
         let sum: i64 = client
             .call("bank", "total", &Accounts { accounts: chunk })
-            .await
-            .context("bank.total failed")?;
+            .await?;
         total += sum;
     }
     Ok(total)
 }
 
 /// xorshift64*: cheap, deterministic per seed, and enough to pick keys.
-pub(crate) struct Random(u64);
+pub struct Random(u64);
 
 impl Random {
-    pub(crate) fn new(seed: u64) -> Random {
+    /// A generator for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Random {
         Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
+    /// The next 64 random bits.
     pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -394,18 +385,18 @@ impl Random {
     }
 
     /// Uniform in `0..bound` (`bound` > 0).
-    pub(crate) fn below(&mut self, bound: u64) -> u64 {
+    pub fn below(&mut self, bound: u64) -> u64 {
         self.next() % bound
     }
 
     /// True with probability `p`.
-    pub(crate) fn chance(&mut self, p: f64) -> bool {
+    pub fn chance(&mut self, p: f64) -> bool {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p && p > 0.0
     }
 }
 
 /// Two distinct accounts; with probability `hot`, one of them is account 0.
-pub(crate) fn pick_pair(random: &mut Random, accounts: usize, hot: f64) -> (usize, usize) {
+pub fn pick_pair(random: &mut Random, accounts: usize, hot: f64) -> (usize, usize) {
     let n = accounts as u64;
     let mut from = random.below(n);
     let mut to = (from + 1 + random.below(n - 1)) % n;
@@ -560,7 +551,11 @@ async fn bench(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     if bank {
         ensure_bank(&setup, &args.target.module).await?;
         open_accounts(&setup, &accounts, args.balance).await?;
-        before = Some(bank_total(&setup, &accounts).await?);
+        before = Some(
+            bank_total(&setup, &accounts)
+                .await
+                .context("bank.total failed")?,
+        );
     } else if args.workload != Workload::PutOnly {
         // Every get finds a value.
         load_keys(&setup, args.key_space, &value).await?;
@@ -618,7 +613,9 @@ async fn bench(target: &Target, args: &BenchArgs) -> Result<BenchReport> {
     let bank_total = match before {
         Some(before) => Some(BankTotal {
             before,
-            after: bank_total(&setup, &plan.accounts).await?,
+            after: bank_total(&setup, &plan.accounts)
+                .await
+                .context("bank.total failed")?,
         }),
         None => None,
     };

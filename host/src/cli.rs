@@ -134,6 +134,19 @@ pub enum DurabilityArg {
     None,
 }
 
+impl DurabilityArg {
+    /// The server setting for this choice; `fsync_interval` applies to `Async`.
+    pub fn durability(self, fsync_interval: Duration) -> Durability {
+        match self {
+            DurabilityArg::Sync => Durability::Sync,
+            DurabilityArg::Async => Durability::Async {
+                interval: fsync_interval,
+            },
+            DurabilityArg::None => Durability::None,
+        }
+    }
+}
+
 /// Options of `transdb serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -288,13 +301,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.max_pending_transactions = args.max_pending_transactions;
     config.transaction_idle_timeout = Duration::from_millis(args.transaction_idle_timeout_ms);
     config.max_transaction_bytes = args.max_transaction_bytes;
-    config.durability = match args.durability {
-        DurabilityArg::Sync => Durability::Sync,
-        DurabilityArg::Async => Durability::Async {
-            interval: Duration::from_millis(args.fsync_interval_ms.max(1)),
-        },
-        DurabilityArg::None => Durability::None,
-    };
+    config.durability = args
+        .durability
+        .durability(Duration::from_millis(args.fsync_interval_ms.max(1)));
     config.checkpoint_interval = Duration::from_secs(args.checkpoint_interval_secs);
     config.checkpoint_log_bytes = args.checkpoint_log_bytes;
     config.log_segment_bytes = args.log_segment_bytes;

@@ -233,7 +233,8 @@ fn check_args(args: &StressArgs) -> Result<()> {
     Ok(())
 }
 
-/// The balances of `accounts`, read at one snapshot; checked against `expected`.
+/// The balances under `keys`, read at one snapshot, and (with `use_procedure`) the total
+/// of `names` by one `bank.total` call: checked against `expected`.
 async fn check_total(
     client: &Client,
     keys: &[String],
@@ -266,13 +267,7 @@ async fn check_total(
         ));
     }
     if use_procedure {
-        #[derive(Serialize)]
-        struct Accounts<'a> {
-            accounts: &'a [String],
-        }
-        let total: i64 = client
-            .call("bank", "total", &Accounts { accounts: names })
-            .await?;
+        let total = bench::bank_total(client, names).await?;
         if total != expected {
             shared.violation(format!("bank.total: {total}, expected {expected}"));
         }

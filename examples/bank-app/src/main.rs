@@ -15,9 +15,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use transdb_client::{Client, ClientConfig, Error};
-use transdb_host::bench::{bank_total, open_accounts};
+use transdb_host::bench::{Random, bank_total, open_accounts, pick_pair};
 use transdb_host::cli::DurabilityArg;
-use transdb_host::log::Durability;
 use transdb_host::{Server, ServerConfig};
 use transdb_procedures_bank::Transfer;
 use transdb_proto::ErrorCode;
@@ -101,13 +100,9 @@ async fn run(args: Args) -> Result<()> {
                 .init();
             let mut config = ServerConfig::new(&args.data_dir);
             config.listen = args.listen;
-            config.durability = match args.durability {
-                DurabilityArg::Sync => Durability::Sync,
-                DurabilityArg::Async => Durability::Async {
-                    interval: transdb_host::log::DEFAULT_FSYNC_INTERVAL,
-                },
-                DurabilityArg::None => Durability::None,
-            };
+            config.durability = args
+                .durability
+                .durability(transdb_host::log::DEFAULT_FSYNC_INTERVAL);
             let server = Server::start(config)
                 .await
                 .context("cannot start a server (is one already running here? then pass --server 127.0.0.1:7878)")?;
@@ -279,14 +274,7 @@ async fn transfer_loop(
     done: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> Outcome {
-    let mut random = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move |bound: usize| {
-        // xorshift64: cheap, and enough to pick accounts.
-        random ^= random << 13;
-        random ^= random >> 7;
-        random ^= random << 17;
-        (random % bound as u64) as usize
-    };
+    let mut random = Random::new(seed);
     let mut outcome = Outcome {
         committed: 0,
         aborted: 0,
@@ -294,12 +282,11 @@ async fn transfer_loop(
         latency_us: Histogram::new(3).expect("valid precision"),
     };
     while !stop.load(Ordering::Relaxed) {
-        let from = next(names.len());
-        let to = (from + 1 + next(names.len() - 1)) % names.len();
+        let (from, to) = pick_pair(&mut random, names.len(), 0.0);
         let transfer = Transfer {
             from: names[from].clone(),
             to: names[to].clone(),
-            amount: 1 + next(10) as i64,
+            amount: 1 + random.below(10) as i64,
         };
         let started = Instant::now();
         match client.call::<_, ()>("bank", "transfer", &transfer).await {
