@@ -258,7 +258,7 @@ impl Target {
         let server = Server::start(config)
             .await
             .context("cannot start the embedded server")?;
-        let client = ClientConfig::from_ca_file(server.certificate_path())?;
+        let client = server.admin_client_config()?;
         Ok(Target {
             addr: server.local_addr().to_string(),
             config: client,

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use transdb_client::{Client, ClientConfig};
+use transdb_client::{Client, ClientConfig, ClientIdentity};
+use transdb_proto::Role;
 
 use crate::config::{
     self, CertificateFiles, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS,
@@ -37,6 +38,17 @@ pub struct Cli {
     /// Name to verify the server's certificate against (default: the host of --server).
     #[arg(long, global = true, value_name = "NAME")]
     pub server_name: Option<String>,
+    /// File holding the token the client authenticates with. Default: the TRANSDB_TOKEN
+    /// environment variable, else transdb-data/admin.token in the current directory (the
+    /// admin token a server writes there on first start).
+    #[arg(long, global = true, env = "TRANSDB_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM or DER) for servers that accept certificates (--client-ca).
+    #[arg(long, global = true, requires = "client_key", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key of --client-cert.
+    #[arg(long, global = true, requires = "client_cert", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -110,6 +122,11 @@ pub enum Command {
     /// runs. Exit status: 0 pass, 1 error rate above --max-error-rate, 2 more correctness
     /// violations than --max-violations, 3 the server could not be started or reached.
     Stress(Box<crate::stress::StressArgs>),
+    /// Manage the server's tokens (admin): create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Shut the server down gracefully (admin): it answers what is in flight and exits.
+    Shutdown,
     /// Offline: make a new data directory from a backup (then `transdb serve --data-dir`).
     Restore {
         /// The directory `transdb backup` wrote.
@@ -119,6 +136,31 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+}
+
+/// `transdb token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print it (only this once: the server keeps only its hash).
+    Create {
+        /// What the token may do.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// A label for people (default: the role's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the tokens: id, role, name, creation time (never the secrets).
+    List,
+    /// Revoke a token by id; connections using it are closed.
+    Revoke {
+        /// The token's id (the 16 hex digits after `tdb_`), as `transdb token list` shows.
+        id: String,
+    },
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    Role::from_name(text).ok_or_else(|| format!("unknown role {text:?}: use read, write or admin"))
 }
 
 /// `--durability` of `transdb serve`.
@@ -240,6 +282,30 @@ pub struct ServeArgs {
     /// Bytes of writes (keys and values) one interactive transaction may buffer.
     #[arg(long, default_value_t = crate::interactive::DEFAULT_MAX_TRANSACTION_BYTES)]
     pub max_transaction_bytes: usize,
+    /// Size limit of the store (keys, values and 64 bytes per key), e.g. 8GiB: beyond it,
+    /// requests that could add data get STORE_FULL and nothing is evicted. 0: no limit.
+    /// [default: half the machine's memory]
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Bytes of request frames being read or executed at once, over all connections; a
+    /// request beyond it is refused with OVERLOADED.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub max_request_memory: String,
+    /// Seconds a stream may make no progress (no request, a request half-sent, a response
+    /// unread) before it is reset with STREAM_TIMEOUT.
+    #[arg(long, default_value_t = config::DEFAULT_STREAM_TIMEOUT.as_secs())]
+    pub stream_timeout_secs: u64,
+    /// Seconds a new connection has to authenticate before it is closed.
+    #[arg(long, default_value_t = config::DEFAULT_AUTH_TIMEOUT.as_secs())]
+    pub auth_timeout_secs: u64,
+    /// Accept client certificates issued by the CA in FILE, granting ROLE (read, write or
+    /// admin): `--client-ca write=apps-ca.pem`. Repeat for several CAs. Tokens keep working.
+    #[arg(long, value_parser = parse_client_ca_arg, value_name = "ROLE=FILE")]
+    pub client_ca: Vec<(Role, PathBuf)>,
+}
+
+fn parse_client_ca_arg(text: &str) -> Result<(Role, PathBuf), String> {
+    crate::auth::parse_client_ca(text).map_err(|error| error.to_string())
 }
 
 /// Runs the command line; returns the process exit code.
@@ -301,6 +367,16 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.max_pending_transactions = args.max_pending_transactions;
     config.transaction_idle_timeout = Duration::from_millis(args.transaction_idle_timeout_ms);
     config.max_transaction_bytes = args.max_transaction_bytes;
+    if let Some(max_memory) = &args.max_memory {
+        config.max_memory = config::parse_size(max_memory)
+            .map_err(|error| anyhow::anyhow!("--max-memory: {error}"))?;
+    }
+    config.max_request_memory = config::parse_size(&args.max_request_memory)
+        .map_err(|error| anyhow::anyhow!("--max-request-memory: {error}"))?
+        .context("--max-request-memory cannot be unlimited: give a size such as 1GiB")?;
+    config.stream_timeout = Duration::from_secs(args.stream_timeout_secs.max(1));
+    config.auth_timeout = Duration::from_secs(args.auth_timeout_secs.max(1));
+    config.client_cas = args.client_ca;
     config.durability = args
         .durability
         .durability(Duration::from_millis(args.fsync_interval_ms.max(1)));
@@ -338,7 +414,10 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             config.shards,
             server.certificate_path().display()
         );
-        wait_for_signal().await?;
+        tokio::select! {
+            signal = wait_for_signal() => signal?,
+            () = server.shutdown_requested() => println!("transdb: shutdown requested by an admin"),
+        }
         let in_flight = server.begin_shutdown();
         println!("transdb shutting down: waiting for {in_flight} in-flight requests");
         let report = server.shutdown().await;
@@ -350,7 +429,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
 /// The subcommand named in `arguments` (the program name left out): the first argument
 /// that is neither a global option nor its value.
 fn subcommand(arguments: impl IntoIterator<Item = String>) -> Option<String> {
-    const GLOBALS_WITH_VALUES: [&str; 3] = ["--server", "--ca", "--server-name"];
+    const GLOBALS_WITH_VALUES: [&str; 6] = [
+        "--server",
+        "--ca",
+        "--server-name",
+        "--token-file",
+        "--client-cert",
+        "--client-key",
+    ];
     let mut arguments = arguments.into_iter();
     while let Some(argument) = arguments.next() {
         if GLOBALS_WITH_VALUES.contains(&argument.as_str()) {
@@ -451,6 +537,22 @@ fn client_config(cli: &Cli) -> Result<ClientConfig> {
     };
     let mut config = ClientConfig::from_ca_file(&ca)?;
     config.server_name = cli.server_name.clone();
+    if let Some((certificate, key)) = cli.client_cert.as_ref().zip(cli.client_key.as_ref()) {
+        config.client_identity = Some(ClientIdentity::load(certificate, key)?);
+    }
+    let default_token = PathBuf::from(DEFAULT_DATA_DIR).join(crate::auth::ADMIN_TOKEN_FILE);
+    config.token = match (&cli.token_file, std::env::var("TRANSDB_TOKEN")) {
+        (Some(file), _) => Some(transdb_client::read_token_file(file)?),
+        (None, Ok(token)) if !token.trim().is_empty() => Some(token.trim().to_string()),
+        _ if default_token.exists() => Some(transdb_client::read_token_file(&default_token)?),
+        _ if config.client_identity.is_some() => None,
+        _ => anyhow::bail!(
+            "no token to authenticate with: {} does not exist here. Run this in the directory where \
+             `transdb serve` runs (it writes its admin token there), or pass a token file with \
+             --token-file FILE (or TRANSDB_TOKEN_FILE), or the token in TRANSDB_TOKEN",
+            default_token.display()
+        ),
+    };
     Ok(config)
 }
 
@@ -562,6 +664,8 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
             println!("position {}", stats.position);
             println!("state hash {}", stats.state_hash);
             println!("modules {}", stats.modules);
+            println!("connections {}", stats.connections);
+            println!("authentication failures {}", stats.auth_failures);
             for (index, shard) in stats.shards.iter().enumerate() {
                 println!("shard {index}: {} keys, {} bytes", shard.keys, shard.bytes);
             }
@@ -579,6 +683,35 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 "backup at position {}: {} keys, {} bytes, {}",
                 info.position, info.keys, info.bytes, info.path
             );
+        }
+        Command::Token(TokenCommand::Create { role, name }) => {
+            let name = name.clone().unwrap_or_else(|| role.name().to_string());
+            let (token, info) = client.create_token(&name, *role).await?;
+            eprintln!(
+                "created token {} ({}, role {}): it is printed once, below; store it now",
+                info.id, info.name, info.role
+            );
+            println!("{token}");
+        }
+        Command::Token(TokenCommand::List) => {
+            for token in client.tokens().await? {
+                println!(
+                    "{}  {:<5}  {}  created {}",
+                    token.id, token.role, token.name, token.created_unix_secs
+                );
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            if client.revoke_token(id).await? {
+                println!("revoked {id}");
+            } else {
+                eprintln!("no token with id {id} (see `transdb token list`)");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Shutdown => {
+            client.shutdown_server().await?;
+            println!("the server is shutting down");
         }
         Command::Serve(_) | Command::Restore { .. } | Command::Bench(_) | Command::Stress(_) => {
             unreachable!("serve, restore, bench and stress are handled by the caller")

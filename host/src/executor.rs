@@ -10,13 +10,14 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use transdb_proto::message::{BatchOp, Encoding, ServerStats};
-use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame};
+use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, Role, frame};
 
 use crate::admission;
 use crate::durability::Persistence;
@@ -93,14 +94,29 @@ pub enum Command {
     Commit(CommitPlan),
 }
 
-/// The state of one request stream: the interactive transaction open on it, if any.
-/// Dropping the session rolls that transaction back.
-#[derive(Default)]
+/// The state of one request stream: its connection's role and the interactive transaction
+/// open on it, if any. Dropping the session rolls that transaction back.
 pub struct Session {
+    role: Role,
     transaction: Option<Interactive>,
 }
 
+impl Default for Session {
+    /// A session of the server itself (replay, in-process tools): every request allowed.
+    fn default() -> Self {
+        Session::new(Role::Admin)
+    }
+}
+
 impl Session {
+    /// A stream of a connection authenticated with `role`.
+    pub fn new(role: Role) -> Self {
+        Session {
+            role,
+            transaction: None,
+        }
+    }
+
     /// Whether an interactive transaction is open on this stream.
     pub fn in_transaction(&self) -> bool {
         self.transaction.is_some()
@@ -124,6 +140,20 @@ pub struct Executor {
     interactive_limits: InteractiveLimits,
     /// The data directory's checkpoints and module store, unless `--durability none`.
     persistence: Option<Persistence>,
+    /// Beyond this many bytes in the store (see [`Store::memory_bytes`]), requests that
+    /// could add data are refused with `STORE_FULL`.
+    max_store_bytes: Option<usize>,
+    /// What the network front end counts, for `Stats`.
+    pub front_end: FrontEndCounters,
+}
+
+/// What the network front end counts, reported by `Stats`.
+#[derive(Default)]
+pub struct FrontEndCounters {
+    /// Open connections (authenticated or not).
+    pub connections: AtomicUsize,
+    /// Connections refused for a missing, wrong or revoked token or certificate.
+    pub auth_failures: AtomicU64,
 }
 
 impl Executor {
@@ -153,6 +183,35 @@ impl Executor {
             history: None,
             interactive_limits,
             persistence: None,
+            max_store_bytes: None,
+            front_end: FrontEndCounters::default(),
+        }
+    }
+
+    /// Refuses requests that could add data once the store holds `max_bytes` (`--max-memory`).
+    pub fn with_max_store_bytes(mut self, max_bytes: Option<usize>) -> Executor {
+        self.max_store_bytes = max_bytes;
+        self
+    }
+
+    /// `STORE_FULL` if the store holds its memory limit.
+    fn check_store_space(&self) -> Result<(), ErrorResponse> {
+        match self.max_store_bytes {
+            Some(limit) => {
+                let used = self.store.memory_bytes();
+                if used >= limit {
+                    Err(ErrorResponse::new(
+                        ErrorCode::STORE_FULL,
+                        format!(
+                            "the store is full: it holds {used} bytes and the limit (--max-memory) is {limit}; \
+                             nothing was written: delete keys (deletes are always accepted) or raise the limit"
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            None => Ok(()),
         }
     }
 
@@ -212,7 +271,16 @@ impl Executor {
     /// Admits and executes `request`, a request of the stream whose state is `session`,
     /// appending the response frame to `out`.
     pub async fn execute_in(&self, session: &mut Session, request: Request<'_>, out: &mut Vec<u8>) {
-        if let Err(refusal) = admission::admit(&request) {
+        if let Err(refusal) = admission::authorize(session.role, &request)
+            .and_then(|()| admission::admit(&request))
+            .and_then(|()| {
+                if admission::adds_data(&request) {
+                    self.check_store_space()
+                } else {
+                    Ok(())
+                }
+            })
+        {
             return encode(&Response::Error(refusal), out);
         }
         if session.in_transaction() {
@@ -318,7 +386,11 @@ impl Executor {
                 procedure,
                 encoding,
                 args,
-            } => self.call(&module, &procedure, encoding, &args, out).await,
+            } => {
+                let read_only = session.role < Role::Write;
+                self.call(&module, &procedure, encoding, &args, read_only, out)
+                    .await
+            }
             Request::Batch { ops } => {
                 let locks = batch_locks(ops.iter().map(BatchOp::key));
                 match self.acquire(locks, input_bytes, record.take(), out).await {
@@ -361,6 +433,23 @@ impl Executor {
             Request::Backup { dir } => {
                 let written = crate::durability::backup(self, std::path::Path::new(&*dir)).await;
                 encode(&checkpointed(written), out);
+                None
+            }
+            // Connection-level requests: the network front end answers them before they
+            // reach the executor.
+            Request::Authenticate { .. }
+            | Request::CreateToken { .. }
+            | Request::RevokeToken { .. }
+            | Request::ListTokens
+            | Request::Shutdown => {
+                encode(
+                    &Response::Error(ErrorResponse::new(
+                        ErrorCode::PERMISSION_DENIED,
+                        "authentication, tokens and shutdown are requests of a connection: \
+                         send them to a server over QUIC",
+                    )),
+                    out,
+                );
                 None
             }
         };
@@ -474,6 +563,12 @@ impl Executor {
                 match transaction.finish() {
                     Err(snapshot) => Ok(Response::Committed { position: snapshot }),
                     Ok(plan) => {
+                        if plan.writes.iter().any(|(_, value)| value.is_some())
+                            && let Err(full) = self.check_store_space()
+                        {
+                            // Ends the transaction, like any refused Commit.
+                            return encode(&Response::Error(full), out);
+                        }
                         self.commit(plan, out).await;
                         return;
                     }
@@ -559,6 +654,7 @@ impl Executor {
         procedure: &str,
         encoding: Encoding,
         args: &[u8],
+        read_only: bool,
         out: &mut Vec<u8>,
     ) -> Option<Grant> {
         let _slot = self
@@ -585,6 +681,26 @@ impl Executor {
                     return None;
                 }
             };
+            let writes = prepared
+                .declared_keys()
+                .is_none_or(|keys| keys.values().any(|write| *write));
+            if writes {
+                let refusal = if read_only {
+                    Err(ErrorResponse::new(
+                        ErrorCode::PERMISSION_DENIED,
+                        format!(
+                            "{module}.{procedure} may write, and this connection's role (read) may call \
+                             only procedures that write nothing: use a token with the write role"
+                        ),
+                    ))
+                } else {
+                    self.check_store_space()
+                };
+                if let Err(error) = refusal {
+                    encode(&Response::Error(error), out);
+                    return None;
+                }
+            }
             let reconnoitred = prepared.reconnoitred();
             let record = self.scheduler.logging().then(|| {
                 LogCommand::Call {
@@ -651,6 +767,8 @@ impl Executor {
                 })
                 .collect(),
             modules: self.procedures.list().len() as u64,
+            connections: self.front_end.connections.load(Ordering::Relaxed) as u64,
+            auth_failures: self.front_end.auth_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -776,7 +894,8 @@ pub(crate) fn one_key(key: &str, mode: Mode) -> LockSet {
     LockSet::Keys(vec![(lock_id(key), mode)])
 }
 
-fn encode(response: &Response<'_>, out: &mut Vec<u8>) {
+/// Appends `response` as a frame to `out` (an `INTERNAL` error if it cannot be framed).
+pub(crate) fn encode(response: &Response<'_>, out: &mut Vec<u8>) {
     if let Err(error) = frame::encode(response, out) {
         // Unreachable while values are bounded below the frame limit; answer rather than panic.
         tracing::error!(%error, "response does not fit in a frame");

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// File name of the generated certificate in the data directory.
@@ -79,18 +78,26 @@ impl Identity {
     }
 
     /// The QUIC server crypto configuration for this identity, offering only our ALPN.
-    pub fn quic_server_config(&self) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>> {
-        let mut tls =
+    /// With `client_verifier`, clients may present a certificate (mutual TLS).
+    pub fn quic_server_config(
+        &self,
+        client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>> {
+        let builder =
             rustls::ServerConfig::builder_with_provider(transdb_client::tls::crypto_provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])?
-                .with_no_client_auth()
-                .with_single_cert(self.certificates.clone(), self.key.clone_key())
-                .with_context(|| {
-                    format!(
-                        "certificate {} does not fit its key",
-                        self.certificate_path.display()
-                    )
-                })?;
+                .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match client_verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut tls = builder
+            .with_single_cert(self.certificates.clone(), self.key.clone_key())
+            .with_context(|| {
+                format!(
+                    "certificate {} does not fit its key",
+                    self.certificate_path.display()
+                )
+            })?;
         tls.alpn_protocols = vec![transdb_proto::ALPN.to_vec()];
         tls.max_early_data_size = 0;
         Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(
@@ -100,17 +107,11 @@ impl Identity {
 }
 
 fn parse_key(bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
-    if transdb_client::tls::is_pem(bytes) {
-        PrivateKeyDer::from_pem_slice(bytes)
-            .map_err(|error| anyhow::anyhow!("no usable PEM private key: {error}"))
-    } else {
-        PrivateKeyDer::try_from(bytes.to_vec())
-            .map_err(|error| anyhow::anyhow!("neither a PEM nor a DER private key: {error}"))
-    }
+    transdb_client::tls::parse_private_key(bytes).map_err(anyhow::Error::msg)
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let temporary = path.with_extension("tmp");
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -147,7 +148,7 @@ mod tests {
         let second = Identity::load_or_generate(directory.path()).unwrap();
         assert_eq!(first.certificates, second.certificates);
         assert_eq!(first.key.secret_der(), second.key.secret_der());
-        first.quic_server_config().unwrap();
+        first.quic_server_config(None).unwrap();
     }
 
     #[cfg(unix)]
@@ -188,7 +189,7 @@ mod tests {
             identity.certificates[0].as_ref(),
             generated.cert.der().as_ref()
         );
-        identity.quic_server_config().unwrap();
+        identity.quic_server_config(None).unwrap();
     }
 
     #[test]
@@ -201,6 +202,6 @@ mod tests {
         fs::write(&certificate, one.cert.pem()).unwrap();
         fs::write(&key, two.signing_key.serialize_pem()).unwrap();
         let identity = Identity::load(&certificate, &key).unwrap();
-        assert!(identity.quic_server_config().is_err());
+        assert!(identity.quic_server_config(None).is_err());
     }
 }

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! - `network`: QUIC endpoint, connections, one task per request stream, framing;
-//! - [`admission`]: the checks a request passes before it touches state (limits today);
+//! - [`admission`]: the checks a request passes before it touches state (its role, limits,
+//!   the store's memory limit);
 //! - [`executor`]: runs admitted requests as transactions and encodes responses;
 //! - [`sequencer`]: adaptive batches of transactions, each ordered in one step;
 //! - [`scheduler`] and [`lock_manager`]: a position in one total order per transaction, and
@@ -19,7 +20,8 @@
 //! - [`procedures`] and [`runtime`]: deployed modules and the wasmtime runtime;
 //! - [`store`]: the sharded in-memory map;
 //! - [`server`]: wires the stages together, owns the data directory, shuts down gracefully;
-//! - [`identity`]: the TLS certificate and key; [`config`]: settings and named limits;
+//! - [`identity`]: the TLS certificate and key; [`auth`]: tokens, client certificates and
+//!   roles; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client);
 //! - [`bench`](mod@bench) and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
 //!   load generator that checks correctness while it runs).
@@ -27,6 +29,7 @@
 //! The sequencer and command log will supply the positions the scheduler hands out today.
 
 pub mod admission;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -1,47 +1,73 @@
-//! The QUIC front end: accepts connections and request streams and drives each stream's
-//! frames through [`crate::executor`].
+//! The QUIC front end: accepts connections, authenticates them, accepts their request
+//! streams and drives each stream's frames through [`crate::executor`].
 //!
 //! Contract:
-//! - one task per connection accepts its bidirectional streams; one task per stream reads
-//!   request frames, answers each in order, and ends when the client finishes the stream;
+//! - one task per connection authenticates it, then accepts its bidirectional streams; one
+//!   task per stream reads request frames, answers each in order, and ends when the client
+//!   finishes the stream;
+//! - a connection's first stream must carry `Authenticate` as its first request, within
+//!   the auth timeout; the server answers `Authenticated` (and the stream goes on like any
+//!   other) or an `UNAUTHENTICATED` error followed by closing the connection with that
+//!   code. Failures are counted and logged with the peer's address, never the token;
+//! - every request is checked against the connection's role; a request after the
+//!   connection's token was revoked is answered `UNAUTHENTICATED` and the connection closed;
 //! - a framing violation (oversized length, undecodable payload, FIN inside a frame) resets
 //!   that stream only, in both directions, with the matching [`ErrorCode`]; the connection
 //!   and every other stream go on;
-//! - a stream task lives until the client has acknowledged its last response, so that
-//!   graceful shutdown, which waits for all stream tasks before closing connections, never
-//!   drops an answer the server already computed;
+//! - each frame reserves its length from the server's request-memory budget when its
+//!   header arrives, until it is answered; a frame that does not fit resets its stream with
+//!   [`ErrorCode::OVERLOADED`], so the memory held by requests stays bounded;
+//! - a stream that makes no progress for the stream timeout (between requests, inside a
+//!   frame, or with a response the client does not read) is reset with
+//!   [`ErrorCode::STREAM_TIMEOUT`]; with an interactive transaction open, the transaction
+//!   idle timeout applies instead and resets with [`ErrorCode::TRANSACTION_TIMEOUT`];
+//! - a stream task lives until the client has acknowledged its last response (or the
+//!   stream timeout passes), so that graceful shutdown, which waits for all stream tasks
+//!   before closing connections, never drops an answer the server already computed;
 //! - connections over the limit are closed with [`ErrorCode::TOO_MANY_CONNECTIONS`]; once
 //!   shutdown begins, new connections are refused and no new streams are accepted;
-//! - a stream is a [`Session`]: an interactive transaction opened on it ends with it. While
-//!   one is open, a stream silent for longer than the transaction idle timeout is reset with
-//!   [`ErrorCode::TRANSACTION_TIMEOUT`] and the transaction rolled back.
+//! - a stream is a [`Session`]: an interactive transaction opened on it ends with it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use quinn::{Endpoint, Incoming, RecvStream, SendStream, VarInt};
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use transdb_client::wire::{FrameReader, ReadFrameError};
 use transdb_proto::frame::{self, FrameError};
-use transdb_proto::{ErrorCode, Request};
+use transdb_proto::{ErrorCode, ErrorResponse, Request, Response};
 
-use crate::executor::{Executor, Session};
+use crate::auth::{CertificateRoles, Principal, Tokens};
+use crate::executor::{Executor, Session, encode};
+
+/// How long the server waits for a refused client to receive its error before closing.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// What every connection and stream task of one server shares.
 pub(crate) struct Shared {
     pub executor: Arc<Executor>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
+    /// Cancelled when an admin asks for a shutdown (the server's owner then shuts down).
+    pub shutdown_requested: CancellationToken,
     /// Every request-stream task.
     pub streams: TaskTracker,
-    /// Open (or handshaking) connections.
-    pub connections: AtomicUsize,
     pub max_connections: usize,
     /// How long an open interactive transaction may wait for its next request.
     pub transaction_idle_timeout: Duration,
+    /// How long a stream may make no progress otherwise.
+    pub stream_timeout: Duration,
+    /// How long a new connection has to authenticate.
+    pub auth_timeout: Duration,
+    pub tokens: Arc<Tokens>,
+    pub certificate_roles: Option<Arc<CertificateRoles>>,
+    /// Bytes of request frames being read or executed, at most `--max-request-memory`.
+    pub request_memory: Arc<Semaphore>,
 }
 
 fn code(code: ErrorCode) -> VarInt {
@@ -70,15 +96,19 @@ pub(crate) async fn accept_connections(endpoint: Endpoint, shared: Arc<Shared>) 
 
 /// Counts a connection for as long as it lives.
 struct ConnectionSlot<'a> {
-    connections: &'a AtomicUsize,
+    shared: &'a Shared,
     within_limit: bool,
 }
 
 impl<'a> ConnectionSlot<'a> {
     fn take(shared: &'a Shared) -> Self {
-        let before = shared.connections.fetch_add(1, Ordering::Relaxed);
+        let before = shared
+            .executor
+            .front_end
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
         Self {
-            connections: &shared.connections,
+            shared,
             within_limit: before < shared.max_connections,
         }
     }
@@ -86,7 +116,25 @@ impl<'a> ConnectionSlot<'a> {
 
 impl Drop for ConnectionSlot<'_> {
     fn drop(&mut self) {
-        self.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .executor
+            .front_end
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request stream and the frames buffered from it.
+struct Stream {
+    send: SendStream,
+    recv: RecvStream,
+    reader: FrameReader,
+}
+
+impl Stream {
+    fn reset(&mut self, error: ErrorCode) {
+        let _ = self.recv.stop(code(error));
+        let _ = self.send.reset(code(error));
     }
 }
 
@@ -110,7 +158,15 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
         );
         return;
     }
-    tracing::debug!("connection open");
+    let Some((principal, first)) = authenticate(&connection, &shared).await else {
+        return;
+    };
+    let principal = Arc::new(principal);
+    tracing::debug!(role = %principal.role, token = principal.token_id(), "connection authenticated");
+    shared.streams.spawn(
+        serve_stream(first, principal.clone(), connection.clone(), shared.clone())
+            .in_current_span(),
+    );
     loop {
         let (send, recv) = tokio::select! {
             biased;
@@ -129,74 +185,277 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
                 }
             },
         };
-        shared
-            .streams
-            .spawn(serve_stream(send, recv, shared.clone()).in_current_span());
+        let stream = Stream {
+            send,
+            recv,
+            reader: FrameReader::new(),
+        };
+        shared.streams.spawn(
+            serve_stream(
+                stream,
+                principal.clone(),
+                connection.clone(),
+                shared.clone(),
+            )
+            .in_current_span(),
+        );
     }
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
-    let executor = &shared.executor;
-    let mut reader = FrameReader::new();
-    let mut response = Vec::new();
-    let mut session = Session::default();
-    loop {
-        let next = if session.in_transaction() {
-            match tokio::time::timeout(
-                shared.transaction_idle_timeout,
-                reader.next_payload(&mut recv),
-            )
-            .await
-            {
-                Ok(next) => next,
-                Err(_) => {
-                    tracing::debug!("interactive transaction idle past its timeout; rolled back");
-                    drop(session);
-                    let code = code(ErrorCode::TRANSACTION_TIMEOUT);
-                    let _ = recv.stop(code);
-                    let _ = send.reset(code);
-                    return;
-                }
-            }
-        } else {
-            reader.next_payload(&mut recv).await
+/// What a refused client is told, whatever was wrong: never which part.
+const NOT_AUTHENTICATED: &str = "not authenticated: the token (or client certificate) is missing, wrong or revoked; \
+     pass a token with --token-file, TRANSDB_TOKEN_FILE or TRANSDB_TOKEN (a server writes its \
+     admin token to admin.token in its data directory on first start)";
+
+/// Reads the connection's `Authenticate`; returns who it is and the stream it came on, or
+/// `None` after refusing it (or losing it).
+async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Principal, Stream)> {
+    let certificate_role = shared.certificate_roles.as_ref().and_then(|roles| {
+        let chain = connection
+            .peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?;
+        roles.role(&chain)
+    });
+    let attempt = async {
+        let (send, recv) = connection.accept_bi().await.ok()?;
+        let mut stream = Stream {
+            send,
+            recv,
+            reader: FrameReader::new(),
         };
+        let outcome = match stream.reader.next_payload(&mut stream.recv).await {
+            Ok(Some(payload)) => match frame::decode::<Request<'_>>(payload) {
+                Ok(Request::Authenticate { token: Some(token) }) => shared
+                    .tokens
+                    .verify(&token)
+                    .ok_or(NOT_AUTHENTICATED.to_string()),
+                Ok(Request::Authenticate { token: None }) => certificate_role
+                    .map(Principal::certificate)
+                    .ok_or(NOT_AUTHENTICATED.to_string()),
+                Ok(other) => Err(format!(
+                    "not authenticated: the first request on a connection must be Authenticate, not {}",
+                    other.kind()
+                )),
+                Err(error) => {
+                    stream.reset(error.code());
+                    Err(error.to_string())
+                }
+            },
+            Ok(None) => Err("not authenticated: the first stream ended without a request".into()),
+            Err(ReadFrameError::Frame(error)) => {
+                stream.reset(error.code());
+                Err(error.to_string())
+            }
+            Err(ReadFrameError::Stream(_) | ReadFrameError::Refused(_)) => return None,
+        };
+        Some((stream, outcome))
+    };
+    let refuse = |reason: &str| {
+        shared
+            .executor
+            .front_end
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason, "connection refused: not authenticated");
+    };
+    match tokio::time::timeout(shared.auth_timeout, attempt).await {
+        Err(_) => {
+            refuse("no Authenticate within the auth timeout");
+            connection.close(
+                code(ErrorCode::UNAUTHENTICATED),
+                b"no Authenticate within --auth-timeout-secs",
+            );
+            None
+        }
+        Ok(None) => None,
+        Ok(Some((mut stream, Ok(principal)))) => {
+            let mut response = Vec::new();
+            let authenticated = Response::Authenticated {
+                role: principal.role,
+            };
+            encode(&authenticated, &mut response);
+            match tokio::time::timeout(shared.stream_timeout, stream.send.write_all(&response))
+                .await
+            {
+                Ok(Ok(())) => Some((principal, stream)),
+                _ => None,
+            }
+        }
+        Ok(Some((mut stream, Err(message)))) => {
+            refuse(&message);
+            let mut response = Vec::new();
+            encode(
+                &Response::Error(ErrorResponse::new(ErrorCode::UNAUTHENTICATED, message)),
+                &mut response,
+            );
+            let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+                if stream.send.write_all(&response).await.is_ok() && stream.send.finish().is_ok() {
+                    let _ = stream.send.stopped().await;
+                }
+            })
+            .await;
+            connection.close(code(ErrorCode::UNAUTHENTICATED), b"not authenticated");
+            None
+        }
+    }
+}
+
+async fn serve_stream(
+    mut stream: Stream,
+    principal: Arc<Principal>,
+    connection: Connection,
+    shared: Arc<Shared>,
+) {
+    let executor = &shared.executor;
+    let mut response = Vec::new();
+    let mut session = Session::new(principal.role);
+    loop {
+        let (idle_limit, idle_code) = if session.in_transaction() {
+            (
+                shared.transaction_idle_timeout,
+                ErrorCode::TRANSACTION_TIMEOUT,
+            )
+        } else {
+            (shared.stream_timeout, ErrorCode::STREAM_TIMEOUT)
+        };
+        // Memory reserved for the frame being read, until it is answered.
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let next = tokio::time::timeout(
+            idle_limit,
+            stream
+                .reader
+                .next_payload_admitted(&mut stream.recv, |length| {
+                    let bytes = u32::try_from(length + frame::HEADER_BYTES)
+                        .map_err(|_| ErrorCode::FRAME_TOO_LARGE)?;
+                    reserved = Some(
+                        shared
+                            .request_memory
+                            .clone()
+                            .try_acquire_many_owned(bytes)
+                            .map_err(|_| ErrorCode::OVERLOADED)?,
+                    );
+                    Ok(())
+                }),
+        )
+        .await;
         let payload = match next {
-            Ok(Some(payload)) => payload,
-            Ok(None) => break,
-            Err(ReadFrameError::Frame(error)) => return reset(&mut send, &mut recv, error),
-            Err(ReadFrameError::Stream(error)) => {
+            Err(_) => {
+                tracing::debug!(code = %idle_code, "stream idle past its timeout; reset");
+                drop(session); // rolls an open transaction back
+                stream.reset(idle_code);
+                return;
+            }
+            Ok(Ok(Some(payload))) => payload,
+            Ok(Ok(None)) => break,
+            Ok(Err(ReadFrameError::Frame(error))) => return reset(&mut stream, error),
+            Ok(Err(ReadFrameError::Refused(refusal))) => {
+                tracing::debug!(%refusal, "request memory exhausted; stream reset");
+                stream.reset(refusal);
+                return;
+            }
+            Ok(Err(ReadFrameError::Stream(error))) => {
                 tracing::debug!(%error, "request stream failed");
                 return;
             }
         };
         let request = match frame::decode::<Request<'_>>(payload) {
             Ok(request) => request,
-            Err(error) => return reset(&mut send, &mut recv, error),
+            Err(error) => return reset(&mut stream, error),
         };
         response.clear();
-        executor
-            .execute_in(&mut session, request, &mut response)
-            .await;
-        // If the client has already finished its side, the FIN goes out with the answer.
-        let last = reader.finished_now(&mut recv).await;
-        if let Err(error) = send.write_all(&response).await {
-            tracing::debug!(%error, "cannot send response");
+        if principal.revoked() {
+            encode(
+                &Response::Error(ErrorResponse::new(
+                    ErrorCode::UNAUTHENTICATED,
+                    "not authenticated: this connection's token was revoked",
+                )),
+                &mut response,
+            );
+            let _ = tokio::time::timeout(REFUSAL_LINGER, stream.send.write_all(&response)).await;
+            connection.close(code(ErrorCode::UNAUTHENTICATED), b"token revoked");
             return;
         }
+        let answer = if session.in_transaction() {
+            None // the executor refuses connection requests inside a transaction
+        } else {
+            connection_request(&request, &principal, &shared)
+        };
+        match answer {
+            Some(answer) => encode(&answer, &mut response),
+            None => {
+                executor
+                    .execute_in(&mut session, request, &mut response)
+                    .await
+            }
+        }
+        // If the client has already finished its side, the FIN goes out with the answer.
+        let last = stream.reader.finished_now(&mut stream.recv).await;
+        match tokio::time::timeout(shared.stream_timeout, stream.send.write_all(&response)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot send response");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("response unread past the stream timeout; reset");
+                stream.reset(ErrorCode::STREAM_TIMEOUT);
+                return;
+            }
+        }
+        drop(reserved);
         if last {
             break;
         }
     }
-    drop((reader, response, session));
+    let Stream { mut send, .. } = stream;
+    drop((response, session));
     if send.finish().is_ok() {
         // Resolves when the client has acknowledged everything (or the connection is gone).
-        let _ = send.stopped().await;
+        let _ = tokio::time::timeout(shared.stream_timeout, send.stopped()).await;
     }
 }
 
-fn reset(send: &mut SendStream, recv: &mut RecvStream, error: FrameError) {
+/// Answers the requests that concern the connection or the server rather than the data:
+/// authentication, tokens, shutdown. `None` for every other request.
+fn connection_request(
+    request: &Request<'_>,
+    principal: &Principal,
+    shared: &Shared,
+) -> Option<Response<'static>> {
+    let allowed = |request: &Request<'_>| crate::admission::authorize(principal.role, request);
+    let result = match request {
+        Request::Authenticate { .. } => Err(ErrorResponse::new(
+            ErrorCode::PERMISSION_DENIED,
+            format!(
+                "this connection is already authenticated (role {}): open a new connection to use another token",
+                principal.role
+            ),
+        )),
+        Request::CreateToken { name, role } => allowed(request)
+            .and_then(|()| shared.tokens.create(name, *role))
+            .map(|(token, info)| {
+                tracing::info!(id = %info.id, name = %info.name, role = %info.role, "token created");
+                Response::TokenCreated { token, info }
+            }),
+        Request::RevokeToken { id } => allowed(request)
+            .and_then(|()| shared.tokens.revoke(id))
+            .map(|existed| {
+                tracing::info!(%id, existed, "token revoked");
+                Response::TokenRevoked { existed }
+            }),
+        Request::ListTokens => allowed(request).map(|()| Response::Tokens(shared.tokens.list())),
+        Request::Shutdown => allowed(request).map(|()| {
+            tracing::info!(by = principal.token_id(), "shutdown requested");
+            shared.shutdown_requested.cancel();
+            Response::ShuttingDown
+        }),
+        _ => return None,
+    };
+    Some(result.unwrap_or_else(Response::Error))
+}
+
+fn reset(stream: &mut Stream, error: FrameError) {
     tracing::debug!(%error, "protocol violation; resetting the stream");
-    let _ = recv.stop(code(error.code()));
-    let _ = send.reset(code(error.code()));
+    stream.reset(error.code());
 }

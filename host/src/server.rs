@@ -4,16 +4,17 @@ use std::fs::{self, File};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use quinn::{Endpoint, VarInt};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transdb_proto::ErrorCode;
 
+use crate::auth::{CertificateRoles, Tokens};
 use crate::config::ServerConfig;
 use crate::durability::{self, Persistence, Recovery};
 use crate::executor::Executor;
@@ -27,6 +28,11 @@ use crate::store::Store;
 /// File in the data directory that a running server holds an exclusive lock on.
 pub const LOCK_FILE: &str = "LOCK";
 
+/// Bytes a connection may have in flight towards the server beyond what the server has
+/// read (QUIC's connection-level flow-control window): room for one maximum-size frame and
+/// some, so one connection cannot fill the server's memory with data it does not read.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+
 /// How long shutdown waits for connections to finish closing after the close is sent.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -37,6 +43,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 pub struct Server {
     local_addr: SocketAddr,
     certificate_path: PathBuf,
+    data_dir: PathBuf,
     endpoint: Endpoint,
     shared: Arc<Shared>,
     accept_task: JoinHandle<()>,
@@ -68,11 +75,17 @@ impl Server {
             Some(files) => Identity::load(&files.certificate, &files.key)?,
             None => Identity::load_or_generate(&config.data_dir)?,
         };
-        let mut server_config = quinn::ServerConfig::with_crypto(identity.quic_server_config()?);
+        let tokens = Arc::new(Tokens::open(&config.data_dir)?);
+        let certificate_roles = CertificateRoles::new(&config.client_cas)?.map(Arc::new);
+        let mut server_config = quinn::ServerConfig::with_crypto(
+            identity
+                .quic_server_config(certificate_roles.as_ref().map(|roles| roles.verifier()))?,
+        );
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_concurrent_bidi_streams(VarInt::from_u32(config.max_streams_per_connection))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
             .max_idle_timeout(Some(
                 config
                     .idle_timeout
@@ -92,7 +105,8 @@ impl Server {
             )),
             config.max_pending_transactions,
         )
-        .with_max_transaction_bytes(config.max_transaction_bytes);
+        .with_max_transaction_bytes(config.max_transaction_bytes)
+        .with_max_store_bytes(config.max_memory);
         let recovery = if config.durability == Durability::None {
             None
         } else {
@@ -117,10 +131,15 @@ impl Server {
         let shared = Arc::new(Shared {
             executor: Arc::new(executor),
             shutdown: CancellationToken::new(),
+            shutdown_requested: CancellationToken::new(),
             streams: TaskTracker::new(),
-            connections: AtomicUsize::new(0),
             max_connections: config.max_connections,
             transaction_idle_timeout: config.transaction_idle_timeout,
+            stream_timeout: config.stream_timeout,
+            auth_timeout: config.auth_timeout,
+            tokens,
+            certificate_roles,
+            request_memory: Arc::new(Semaphore::new(config.max_request_memory)),
         });
         let accept_task = tokio::spawn(network::accept_connections(
             endpoint.clone(),
@@ -133,6 +152,7 @@ impl Server {
         Ok(Server {
             local_addr,
             certificate_path: identity.certificate_path,
+            data_dir: config.data_dir.clone(),
             endpoint,
             shared,
             accept_task,
@@ -141,6 +161,27 @@ impl Server {
             checkpoint_task,
             _data_dir_lock: lock,
         })
+    }
+
+    /// Resolves when an admin has sent `Shutdown`; the owner then calls
+    /// [`Server::shutdown`].
+    pub async fn shutdown_requested(&self) {
+        self.shared.shutdown_requested.cancelled().await;
+    }
+
+    /// A client configuration with every right on this server: it trusts the server's
+    /// certificate and authenticates with the admin token in the data directory (for
+    /// in-process tools and tests).
+    pub fn admin_client_config(&self) -> Result<transdb_client::ClientConfig> {
+        Ok(
+            transdb_client::ClientConfig::from_ca_file(&self.certificate_path)?
+                .with_token_file(&self.data_dir.join(crate::auth::ADMIN_TOKEN_FILE))?,
+        )
+    }
+
+    /// The server's tokens.
+    pub fn tokens(&self) -> &Tokens {
+        &self.shared.tokens
     }
 
     /// What recovery did at start (`None` with `--durability none`).

@@ -52,6 +52,10 @@ use crate::two_phase::{Coordinator, Decision, Message, Participant, Tick};
 
 type FastHasher = foldhash::fast::RandomState;
 
+/// Bytes `--max-memory` counts per key beyond its key and value: an estimate of the map
+/// entry and version bookkeeping.
+pub const ENTRY_OVERHEAD_BYTES: usize = 64;
+
 /// Keys and bytes held by one shard.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -385,6 +389,18 @@ impl Store {
         entries
     }
 
+    /// What `--max-memory` counts: the bytes of every key and value, plus
+    /// [`ENTRY_OVERHEAD_BYTES`] per key for the map's own bookkeeping.
+    pub fn memory_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let stats = shard.stats();
+                stats.bytes + stats.keys * ENTRY_OVERHEAD_BYTES
+            })
+            .sum()
+    }
+
     /// Keys and bytes per shard, in shard order.
     pub fn shard_stats(&self) -> Vec<ShardStats> {
         self.shards.iter().map(Shard::stats).collect()
@@ -487,7 +503,9 @@ impl Store {
     }
 
     /// A participant's prepare: checks that `shard` can take `writes` and keeps them for
-    /// the decision. Nothing can refuse yet; this is where a store-size limit will.
+    /// the decision. Nothing refuses here: the memory limit (`--max-memory`) is enforced
+    /// at admission, before a transaction is ordered, because an ordered transaction must
+    /// apply the same way when the log is replayed by a server with a different limit.
     fn stage(&self, _shard: usize, writes: ShardWrites) -> Result<ShardWrites, String> {
         Ok(writes)
     }

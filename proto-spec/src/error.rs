@@ -59,12 +59,22 @@ error_codes! {
     MALFORMED_FRAME = 17, "a frame's payload is not a valid message of this protocol version; the stream was reset";
     /// The stream ended in the middle of a frame (stream reset).
     TRUNCATED_FRAME = 18, "the stream ended in the middle of a frame; the stream was reset";
+    /// The stream made no progress (a frame left half-sent, or a response left unread) for
+    /// the server's stream timeout (stream reset).
+    STREAM_TIMEOUT = 19, "the stream made no progress for --stream-timeout-secs (a request left half-sent or a response left unread); the stream was reset";
     /// The server is shutting down and accepts no new connections or requests.
     SHUTTING_DOWN = 32, "the server is shutting down: retry against another server or after it restarts";
     /// The server is at its connection limit.
     TOO_MANY_CONNECTIONS = 33, "the server is at its connection limit (--max-connections): retry later or share one connection";
     /// The server has no capacity for the request right now; it did nothing.
-    OVERLOADED = 34, "the server is busy (e.g. all --max-concurrent-calls slots are in use); nothing was done: retry shortly";
+    OVERLOADED = 34, "the server is busy (e.g. all --max-concurrent-calls slots are in use, or --max-request-memory is taken by requests in flight); nothing was done: retry shortly";
+    /// The connection did not authenticate: no token or certificate, or one the server does
+    /// not accept (response, then connection close).
+    UNAUTHENTICATED = 35, "not authenticated: the token is missing, wrong or revoked (or no client certificate was accepted); pass one with --token-file, TRANSDB_TOKEN_FILE or TRANSDB_TOKEN";
+    /// The connection's role does not allow the request.
+    PERMISSION_DENIED = 36, "the connection's role does not allow this request: use a token with a stronger role (transdb token create --role write|admin)";
+    /// The store holds its memory limit; writes that could add data are refused.
+    STORE_FULL = 37, "the store is full (--max-memory): nothing was written; delete keys (deletes are always accepted) or raise the limit";
     /// A module or procedure name is not 1–64 letters, digits, `_` (and `-` for modules).
     INVALID_NAME = 48, "invalid module or procedure name: use 1 to 64 ASCII letters, digits and _ (modules may also use -), not starting with a digit";
     /// No module of that name is deployed.

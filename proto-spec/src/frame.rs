@@ -296,6 +296,44 @@ mod tests {
                 .unwrap(),
             ),
             (
+                "request Authenticate{token:Some(\"t\")}",
+                encode_to_vec(&Request::Authenticate {
+                    token: Some("t".into()),
+                })
+                .unwrap(),
+            ),
+            (
+                "request CreateToken{name:\"ci\",role:Write}",
+                encode_to_vec(&Request::CreateToken {
+                    name: "ci".into(),
+                    role: crate::message::Role::Write,
+                })
+                .unwrap(),
+            ),
+            (
+                "request RevokeToken{id:\"ab\"}",
+                encode_to_vec(&Request::RevokeToken { id: "ab".into() }).unwrap(),
+            ),
+            (
+                "request ListTokens",
+                encode_to_vec(&Request::ListTokens).unwrap(),
+            ),
+            (
+                "request Shutdown",
+                encode_to_vec(&Request::Shutdown).unwrap(),
+            ),
+            (
+                "response Authenticated{role:Write}",
+                encode_to_vec(&Response::Authenticated {
+                    role: crate::message::Role::Write,
+                })
+                .unwrap(),
+            ),
+            (
+                "response ShuttingDown",
+                encode_to_vec(&Response::ShuttingDown).unwrap(),
+            ),
+            (
                 "response Output(\"ok\")",
                 encode_to_vec(&Response::Output(b"ok".as_slice().into())).unwrap(),
             ),

@@ -22,7 +22,7 @@ pub mod message;
 pub mod shard;
 
 pub use error::{ErrorCode, ErrorResponse};
-pub use message::{Request, Response};
+pub use message::{Request, Response, Role};
 
 /// The ALPN token of this protocol version. A server refuses a connection that does not
 /// offer it; a new incompatible protocol version gets a new token (`transdb/2`, ...).

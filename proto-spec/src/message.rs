@@ -102,6 +102,86 @@ pub enum Request<'a> {
         #[serde(borrow)]
         dir: Cow<'a, str>,
     },
+    /// Authenticate the connection; must be the first request on a connection (see
+    /// `SPEC.md`, "Authentication"); answered with [`Response::Authenticated`].
+    Authenticate {
+        /// A bearer token (`tdb_...`); `None` if the connection presented a client
+        /// certificate instead.
+        #[serde(borrow)]
+        token: Option<Cow<'a, str>>,
+    },
+    /// Create a token with `role` (admin only); answered with [`Response::TokenCreated`].
+    CreateToken {
+        /// A label for people (1–64 ASCII letters, digits, `_`, `-`, `.`, `@`).
+        #[serde(borrow)]
+        name: Cow<'a, str>,
+        /// What the token may do.
+        role: Role,
+    },
+    /// Revoke the token with this id (admin only); answered with [`Response::TokenRevoked`].
+    /// Connections authenticated with it are closed.
+    RevokeToken {
+        /// The token's id, as listed by [`Request::ListTokens`].
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+    },
+    /// List the tokens (admin only), never their secrets; answered with
+    /// [`Response::Tokens`].
+    ListTokens,
+    /// Shut the server down gracefully (admin only); answered with
+    /// [`Response::ShuttingDown`] before the server stops accepting requests.
+    Shutdown,
+}
+
+/// What a connection may do. Each role may do everything the roles before it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads: `Get`, `Stats`, `ListModules`, interactive transactions that only read, and
+    /// calls of procedures that write nothing.
+    Read,
+    /// Reads and writes: also `Put`, `Delete`, `Batch`, any `Call`, and interactive
+    /// transactions that write.
+    Write,
+    /// Everything: also `Deploy`, `Checkpoint`, `Backup`, token management and `Shutdown`.
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 3] = [Role::Read, Role::Write, Role::Admin];
+
+    /// The role's name: `read`, `write` or `admin`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role named `name` (as [`Role::name`] writes it).
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.name() == name)
+    }
+}
+
+impl core::fmt::Display for Role {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A token, as listed (the secret is never shown again after creation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its id: 16 lowercase hex digits, also the token's second part.
+    pub id: String,
+    /// Its label.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was created, in seconds since the Unix epoch.
+    pub created_unix_secs: u64,
 }
 
 /// One write of a [`Request::Batch`].
@@ -222,6 +302,29 @@ pub enum Response<'a> {
     RolledBack,
     /// Answer to [`Request::Checkpoint`] and [`Request::Backup`]: what was written.
     Checkpointed(CheckpointInfo),
+    /// Answer to [`Request::Authenticate`]: the connection may now send requests its
+    /// role allows.
+    Authenticated {
+        /// The connection's role.
+        role: Role,
+    },
+    /// Answer to [`Request::CreateToken`]: the token, shown this once.
+    TokenCreated {
+        /// The whole token (`tdb_<id>_<secret>`): store it now; the server keeps only a hash.
+        token: String,
+        /// Its listing.
+        info: TokenInfo,
+    },
+    /// Answer to [`Request::RevokeToken`].
+    TokenRevoked {
+        /// Whether a token of that id existed.
+        existed: bool,
+    },
+    /// Answer to [`Request::ListTokens`], by id.
+    Tokens(Vec<TokenInfo>),
+    /// Answer to [`Request::Shutdown`]: the server stops accepting connections and
+    /// requests, answers those in flight, and exits.
+    ShuttingDown,
 }
 
 /// What a checkpoint or backup wrote.
@@ -251,6 +354,11 @@ pub struct ServerStats {
     pub shards: Vec<ShardStats>,
     /// Deployed modules.
     pub modules: u64,
+    /// Open connections (authenticated or not).
+    pub connections: u64,
+    /// Connections refused since the server started because their token or certificate
+    /// was missing, wrong or revoked.
+    pub auth_failures: u64,
 }
 
 /// Keys and bytes of one shard.
@@ -280,6 +388,11 @@ impl Request<'_> {
             Request::Rollback => "Rollback",
             Request::Checkpoint => "Checkpoint",
             Request::Backup { .. } => "Backup",
+            Request::Authenticate { .. } => "Authenticate",
+            Request::CreateToken { .. } => "CreateToken",
+            Request::RevokeToken { .. } => "RevokeToken",
+            Request::ListTokens => "ListTokens",
+            Request::Shutdown => "Shutdown",
         }
     }
 
@@ -324,6 +437,18 @@ impl Request<'_> {
             Request::Backup { dir } => Request::Backup {
                 dir: Cow::Owned(dir.into_owned()),
             },
+            Request::Authenticate { token } => Request::Authenticate {
+                token: token.map(|token| Cow::Owned(token.into_owned())),
+            },
+            Request::CreateToken { name, role } => Request::CreateToken {
+                name: Cow::Owned(name.into_owned()),
+                role,
+            },
+            Request::RevokeToken { id } => Request::RevokeToken {
+                id: Cow::Owned(id.into_owned()),
+            },
+            Request::ListTokens => Request::ListTokens,
+            Request::Shutdown => Request::Shutdown,
         }
     }
 }
@@ -348,6 +473,11 @@ impl Response<'_> {
             Response::Committed { position } => Response::Committed { position },
             Response::RolledBack => Response::RolledBack,
             Response::Checkpointed(info) => Response::Checkpointed(info),
+            Response::Authenticated { role } => Response::Authenticated { role },
+            Response::TokenCreated { token, info } => Response::TokenCreated { token, info },
+            Response::TokenRevoked { existed } => Response::TokenRevoked { existed },
+            Response::Tokens(tokens) => Response::Tokens(tokens),
+            Response::ShuttingDown => Response::ShuttingDown,
         }
     }
 
@@ -368,6 +498,11 @@ impl Response<'_> {
             Response::Committed { .. } => "Committed",
             Response::RolledBack => "RolledBack",
             Response::Checkpointed(_) => "Checkpointed",
+            Response::Authenticated { .. } => "Authenticated",
+            Response::TokenCreated { .. } => "TokenCreated",
+            Response::TokenRevoked { .. } => "TokenRevoked",
+            Response::Tokens(_) => "Tokens",
+            Response::ShuttingDown => "ShuttingDown",
         }
     }
 }

@@ -57,9 +57,34 @@ impl TestServer {
             .expect("client connects")
     }
 
-    /// The configuration of a client that trusts this server.
+    /// The configuration of a client that trusts this server and authenticates with its
+    /// admin token.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig::from_ca_file(self.server.certificate_path()).expect("certificate loads")
+        self.server
+            .admin_client_config()
+            .expect("certificate and admin token load")
+    }
+
+    /// The server's admin token.
+    pub fn admin_token(&self) -> String {
+        admin_token(self.data_dir.path())
+    }
+
+    /// A raw QUIC connection to this server, authenticated with the admin token.
+    pub async fn raw_connection(&self) -> quinn::Connection {
+        let connection = raw_connection(
+            self.server.local_addr(),
+            self.certificate(),
+            transdb_proto::ALPN,
+        )
+        .await
+        .expect("raw connection");
+        let answer = authenticate(&connection, Some(&self.admin_token())).await;
+        assert!(
+            matches!(answer, transdb_proto::Response::Authenticated { .. }),
+            "{answer:?}"
+        );
+        connection
     }
 
     /// The server's certificate.
@@ -88,7 +113,35 @@ pub fn procedure_module(name: &str) -> Vec<u8> {
     })
 }
 
-/// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn`.
+/// The admin token a server wrote into `data_dir` on first start.
+pub fn admin_token(data_dir: &Path) -> String {
+    transdb_client::read_token_file(&data_dir.join(transdb_client::ADMIN_TOKEN_FILE))
+        .expect("the server wrote its admin token")
+}
+
+/// Sends `Authenticate { token }` on a new stream of `connection` and returns the answer.
+pub async fn authenticate(
+    connection: &quinn::Connection,
+    token: Option<&str>,
+) -> transdb_proto::Response<'static> {
+    let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+    let request = transdb_proto::Request::Authenticate {
+        token: token.map(Into::into),
+    };
+    send.write_all(&transdb_proto::frame::encode_to_vec(&request).unwrap())
+        .await
+        .expect("send Authenticate");
+    let _ = send.finish();
+    transdb_client::wire::FrameReader::new()
+        .next::<transdb_proto::Response<'_>>(&mut recv)
+        .await
+        .expect("an answer to Authenticate")
+        .expect("an answer, not the end of the stream")
+        .into_owned()
+}
+
+/// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn` (not
+/// authenticated: see [`authenticate`]).
 pub async fn raw_connection(
     addr: SocketAddr,
     certificate: CertificateDer<'static>,

@@ -148,19 +148,22 @@ fn serve(dir: &Path, extra: &[&str]) -> (ChildServer, PathBuf) {
 
 /// A client of a child server.
 async fn client_of(server: &ChildServer, ca: &Path) -> Client {
-    let config = ClientConfig::from_ca_file(ca).expect("certificate loads");
+    let config =
+        ClientConfig::for_data_dir(ca.parent().unwrap()).expect("certificate and token load");
     Client::connect(&server.addr.to_string(), config)
         .await
         .expect("client connects")
 }
 
-/// `--server <addr> --ca <ca>` for a child server.
+/// `--server <addr> --ca <ca> --token-file <admin token>` for a child server.
 fn target_args(server: &ChildServer, ca: &Path) -> Vec<String> {
     vec![
         "--server".into(),
         server.addr.to_string(),
         "--ca".into(),
         ca.to_str().unwrap().into(),
+        "--token-file".into(),
+        ca.with_file_name("admin.token").to_str().unwrap().into(),
     ]
 }
 
@@ -552,6 +555,8 @@ fn stress_exits_3_when_no_server_answers() {
         &addr,
         "--ca",
         ca.to_str().unwrap(),
+        "--token-file",
+        ca.with_file_name("admin.token").to_str().unwrap(),
         "--duration",
         "1",
         "--json",

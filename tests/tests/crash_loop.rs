@@ -210,7 +210,7 @@ fn data_dir(cwd: &Path) -> PathBuf {
 }
 
 fn client_config(cwd: &Path) -> ClientConfig {
-    ClientConfig::from_ca_file(&data_dir(cwd).join("cert.pem")).expect("certificate loads")
+    ClientConfig::for_data_dir(&data_dir(cwd)).expect("certificate and token load")
 }
 
 async fn connect(server: &ChildServer, cwd: &Path) -> Client {

@@ -32,7 +32,7 @@ async fn start_in(data_dir: &Path, adjust: impl FnOnce(&mut ServerConfig)) -> Se
 
 /// A client of an in-process server.
 async fn client_of(server: &Server) -> Client {
-    let config = ClientConfig::from_ca_file(server.certificate_path()).expect("certificate");
+    let config = server.admin_client_config().expect("certificate and token");
     Client::connect(&server.local_addr().to_string(), config)
         .await
         .expect("client connects")
@@ -54,7 +54,7 @@ fn serve(data_dir: &Path, extra: &[&str]) -> ChildServer {
 
 /// A client of a child server whose data directory is `data_dir`.
 async fn client_of_child(server: &ChildServer, data_dir: &Path) -> Client {
-    let config = ClientConfig::from_ca_file(&data_dir.join("cert.pem")).expect("certificate");
+    let config = ClientConfig::for_data_dir(data_dir).expect("certificate and token");
     Client::connect(&server.addr.to_string(), config)
         .await
         .expect("client connects")
@@ -83,7 +83,15 @@ fn kill(server: ChildServer) {
 fn client_cli(server: &ChildServer, data_dir: &Path, args: &[&str]) -> CliOutput {
     let addr = server.addr.to_string();
     let ca = data_dir.join("cert.pem");
-    let mut full = vec!["--server", addr.as_str(), "--ca", ca.to_str().unwrap()];
+    let token = data_dir.join("admin.token");
+    let mut full = vec![
+        "--server",
+        addr.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
     full.extend_from_slice(args);
     cli(data_dir.parent().unwrap(), &full, b"")
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use fail::FailScenario;
 use tempfile::TempDir;
-use transdb_client::{BatchOp, Client, ClientConfig, Error};
+use transdb_client::{BatchOp, Client, Error};
 use transdb_host::durability::CHECKPOINT_DIR;
 use transdb_host::log::{LOG_DIR, segments};
 use transdb_host::{Server, ServerConfig};
@@ -44,7 +44,7 @@ impl Node {
         let server = within("server start", Server::start(config))
             .await
             .expect("server starts");
-        let client_config = ClientConfig::from_ca_file(server.certificate_path()).unwrap();
+        let client_config = server.admin_client_config().unwrap();
         let client = within(
             "client connects",
             Client::connect(&server.local_addr().to_string(), client_config),

@@ -90,7 +90,7 @@ async fn a_stored_value_the_procedure_cannot_decode_is_a_clear_error() {
 async fn guest_logs_reach_the_server_log_tagged_with_module_and_procedure() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = ChildServer::start(dir.path(), "127.0.0.1:0", &[]);
-    let config = ClientConfig::from_ca_file(&dir.path().join("transdb-data/cert.pem")).unwrap();
+    let config = ClientConfig::for_data_dir(&dir.path().join("transdb-data")).unwrap();
     let client = Client::connect(&server.addr.to_string(), config)
         .await
         .unwrap();

@@ -205,13 +205,7 @@ async fn an_idle_transaction_is_rolled_back_at_the_timeout() {
 async fn other_requests_are_refused_inside_a_transaction_which_stays_usable() {
     let (server, client) = server().await;
     // Drive one stream by hand, as the client's Transaction does.
-    let connection = transdb_tests::raw_connection(
-        server.server.local_addr(),
-        server.certificate(),
-        transdb_proto::ALPN,
-    )
-    .await
-    .unwrap();
+    let connection = server.raw_connection().await;
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     let mut reader = transdb_client::wire::FrameReader::new();
     let mut exchange = async |request: Request<'static>| {

@@ -7,7 +7,7 @@ use transdb_proto::{ALPN, ErrorCode, Request, Response, frame};
 use transdb_tests::{ChildServer, cli, raw_connection};
 
 fn ca_of(dir: &Path) -> ClientConfig {
-    ClientConfig::from_ca_file(&dir.join("transdb-data/cert.pem")).unwrap()
+    ClientConfig::for_data_dir(&dir.join("transdb-data")).unwrap()
 }
 
 #[test]
@@ -111,6 +111,28 @@ fn cli_errors_say_what_to_do() {
     let other = ChildServer::start(other_dir.path(), "127.0.0.1:0", &[]);
     let wrong_ca = other_dir.path().join("transdb-data/cert.pem");
     let addr = server.addr.to_string();
+    let right_ca = server_dir.path().join("transdb-data/cert.pem");
+    let no_token = cli(
+        empty.path(),
+        &[
+            "--server",
+            &addr,
+            "--ca",
+            right_ca.to_str().unwrap(),
+            "get",
+            "k",
+        ],
+        b"",
+    );
+    assert_eq!(no_token.status.code(), Some(2));
+    for hint in ["--token-file", "TRANSDB_TOKEN", "admin.token"] {
+        assert!(
+            no_token.stderr.contains(hint),
+            "{hint}: {}",
+            no_token.stderr
+        );
+    }
+    let token = server_dir.path().join("transdb-data/admin.token");
     let refused = cli(
         empty.path(),
         &[
@@ -118,6 +140,8 @@ fn cli_errors_say_what_to_do() {
             &addr,
             "--ca",
             wrong_ca.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
             "get",
             "k",
         ],
@@ -136,6 +160,8 @@ fn cli_errors_say_what_to_do() {
             &addr,
             "--ca",
             bad_ca.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
             "get",
             "k",
         ],
@@ -192,13 +218,16 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let mut server = ChildServer::start(dir.path(), "127.0.0.1:0", &[]);
     let certificate =
         transdb_client::tls::load_certificates(&dir.path().join("transdb-data/cert.pem")).unwrap();
+    let token = transdb_tests::admin_token(&dir.path().join("transdb-data"));
     let connection = raw_connection(server.addr, certificate[0].clone(), ALPN)
         .await
         .unwrap();
+    transdb_tests::authenticate(&connection, Some(&token)).await;
 
     let idle = raw_connection(server.addr, certificate[0].clone(), ALPN)
         .await
         .unwrap();
+    transdb_tests::authenticate(&idle, Some(&token)).await;
     // A request in flight: its stream is open and half of its frame has arrived.
     let put = frame::encode_to_vec(&Request::Put {
         key: "late".into(),

@@ -4,7 +4,7 @@
 use quinn::{Connection, ReadError};
 use transdb_client::{Client, ClientConfig};
 use transdb_proto::limits::{MAX_FRAME_BYTES, MAX_VALUE_BYTES};
-use transdb_proto::{ALPN, ErrorCode, Request, Response, frame};
+use transdb_proto::{ErrorCode, Request, Response, frame};
 use transdb_tests::{TestServer, raw_connection};
 
 /// Sends `bytes` on a new stream, optionally finishing it, and returns what came back: the
@@ -48,9 +48,7 @@ async fn ping(connection: &Connection) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_violations_reset_only_their_stream_with_the_matching_code() {
     let server = TestServer::start().await;
-    let connection = raw_connection(server.server.local_addr(), server.certificate(), ALPN)
-        .await
-        .unwrap();
+    let connection = server.raw_connection().await;
     let bystander = server.client().await;
     bystander.put("bystander", b"here").await.unwrap();
 
@@ -100,9 +98,7 @@ async fn framing_violations_reset_only_their_stream_with_the_matching_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_checks_limits_itself_and_keeps_the_stream_usable() {
     let server = TestServer::start().await;
-    let connection = raw_connection(server.server.local_addr(), server.certificate(), ALPN)
-        .await
-        .unwrap();
+    let connection = server.raw_connection().await;
     // A client that skips the client-side check: the frame fits, the value does not.
     let over = vec![7u8; MAX_VALUE_BYTES + 1];
     let mut bytes = frame::encode_to_vec(&Request::Put {
@@ -143,9 +139,7 @@ async fn a_connection_without_our_alpn_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_streams_do_not_disturb_other_requests() {
     let server = TestServer::start().await;
-    let connection = raw_connection(server.server.local_addr(), server.certificate(), ALPN)
-        .await
-        .unwrap();
+    let connection = server.raw_connection().await;
     for _ in 0..50 {
         let (mut send, recv) = connection.open_bi().await.unwrap();
         send.write_all(&[0, 0, 1]).await.unwrap(); // half a length prefix, then silence

@@ -38,6 +38,10 @@ struct Args {
     /// Certificate to trust for --server (default: transdb-data/cert.pem).
     #[arg(long, env = "TRANSDB_CA")]
     ca: Option<PathBuf>,
+    /// Admin token file for --server (the app deploys the bank module), default:
+    /// transdb-data/admin.token.
+    #[arg(long, env = "TRANSDB_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// The bank module to deploy.
     #[arg(long, default_value = "target/procedures/bank.wasm")]
     module: PathBuf,
@@ -85,13 +89,22 @@ async fn run(args: Args) -> Result<()> {
             args.module.display()
         )
     })?;
-    let (server, addr, ca) = match &args.server {
+    let (server, addr, config) = match &args.server {
         Some(addr) => (
             None,
             addr.clone(),
-            args.ca
-                .clone()
-                .unwrap_or_else(|| "transdb-data/cert.pem".into()),
+            ClientConfig::from_ca_file(
+                &args
+                    .ca
+                    .clone()
+                    .unwrap_or_else(|| "transdb-data/cert.pem".into()),
+            )?
+            .with_token_file(
+                &args
+                    .token_file
+                    .clone()
+                    .unwrap_or_else(|| "transdb-data/admin.token".into()),
+            )?,
         ),
         None => {
             tracing_subscriber::fmt()
@@ -112,14 +125,13 @@ async fn run(args: Args) -> Result<()> {
                 args.data_dir.display(),
                 args.durability
             );
-            let (addr, ca) = (
+            let (addr, config) = (
                 server.local_addr().to_string(),
-                server.certificate_path().to_owned(),
+                server.admin_client_config()?,
             );
-            (Some(server), addr, ca)
+            (Some(server), addr, config)
         }
     };
-    let config = ClientConfig::from_ca_file(&ca)?;
     let client = Client::connect(&addr, config.clone()).await?;
     let info = client.deploy("bank", &module).await?;
     println!(

@@ -23,13 +23,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, ReadError, RecvStream, SendStream, WriteError};
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
 
-pub use transdb_proto::message::{BatchOp, CheckpointInfo, ModuleInfo, ProcedureInfo, ServerStats};
+pub use transdb_proto::message::{
+    BatchOp, CheckpointInfo, ModuleInfo, ProcedureInfo, Role, ServerStats, TokenInfo,
+};
 
 pub mod tls;
 pub mod wire;
@@ -106,7 +108,7 @@ impl Error {
 }
 
 /// How a [`Client`] connects.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Certificates to trust: the server's own self-signed certificate or the CA that issued
     /// it. There is no way to trust any certificate.
@@ -114,7 +116,12 @@ pub struct ClientConfig {
     /// The name to verify the server's certificate against; by default the host of the
     /// address given to [`Client::connect`] (an IP address or a DNS name).
     pub server_name: Option<String>,
-    /// How long to wait for the QUIC handshake.
+    /// The bearer token the connection authenticates with (`tdb_...`). A server always
+    /// asks for one, unless [`ClientConfig::client_identity`] is a certificate it accepts.
+    pub token: Option<String>,
+    /// A client certificate and its key, for servers that accept certificates (`--client-ca`).
+    pub client_identity: Option<ClientIdentity>,
+    /// How long to wait for the QUIC handshake, and then for the answer to authentication.
     pub connect_timeout: Duration,
     /// How often to send keep-alives on an idle connection.
     pub keep_alive_interval: Duration,
@@ -122,22 +129,109 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
 }
 
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("trusted_certificates", &self.trusted_certificates.len())
+            .field("server_name", &self.server_name)
+            .field("token", &self.token.as_ref().map(|_| "<secret>"))
+            .field("client_identity", &self.client_identity)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keep_alive_interval", &self.keep_alive_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+/// A client certificate chain and its private key (mutual TLS).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// The chain, leaf first.
+    pub certificates: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.certificates.len())
+            .field("key", &"<secret>")
+            .finish()
+    }
+}
+
+impl ClientIdentity {
+    /// Loads a certificate chain and its private key (PEM or DER each).
+    pub fn load(certificate: &Path, key: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            certificates: tls::load_certificates(certificate)?,
+            key: Arc::new(tls::load_private_key(key)?),
+        })
+    }
+}
+
 impl ClientConfig {
-    /// Trusts exactly `certificates`.
+    /// Trusts exactly `certificates`; no token.
     pub fn trusting(certificates: Vec<CertificateDer<'static>>) -> Self {
         Self {
             trusted_certificates: certificates,
             server_name: None,
+            token: None,
+            client_identity: None,
             connect_timeout: Duration::from_secs(5),
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         }
     }
 
-    /// Trusts the certificates in a PEM or DER file, e.g. `transdb-data/cert.pem`.
+    /// Trusts the certificates in a PEM or DER file, e.g. `transdb-data/cert.pem`; no token.
     pub fn from_ca_file(path: &Path) -> Result<Self, Error> {
         Ok(Self::trusting(tls::load_certificates(path)?))
     }
+
+    /// What a client on the server's own machine uses: trusts the server's generated
+    /// certificate in `data_dir` and authenticates with the admin token the server wrote
+    /// there on first start (`cert.pem`, `admin.token`).
+    pub fn for_data_dir(data_dir: &Path) -> Result<Self, Error> {
+        Self::from_ca_file(&data_dir.join("cert.pem"))?
+            .with_token_file(&data_dir.join(ADMIN_TOKEN_FILE))
+    }
+
+    /// Authenticates with `token`.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Authenticates with the token in `path` (surrounding whitespace is ignored).
+    pub fn with_token_file(self, path: &Path) -> Result<Self, Error> {
+        Ok(self.with_token(read_token_file(path)?))
+    }
+}
+
+/// File name of the admin token a server writes into its data directory on first start.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Reads a token file: the token, with surrounding whitespace removed.
+///
+/// # Errors
+/// [`Error::Config`] naming the file if it cannot be read or holds no token.
+pub fn read_token_file(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        Error::Config(format!(
+            "cannot read token file {}: {error}",
+            path.display()
+        ))
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Error::Config(format!(
+            "token file {} is empty: it should hold one token (tdb_...)",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
 }
 
 /// A connection to a TransDB server. Cheap to clone; clones share the connection.
@@ -151,6 +245,8 @@ struct Inner {
     addr: SocketAddr,
     server_name: String,
     connect_timeout: Duration,
+    token: Option<String>,
+    role: Role,
     connection: parking_lot::Mutex<Connection>,
     /// Serialises reconnects so that concurrent requests on a dead connection make one.
     reconnecting: tokio::sync::Mutex<()>,
@@ -172,17 +268,26 @@ impl Client {
             .map_err(|error| Error::Config(format!("cannot open a UDP socket: {error}")))?;
         endpoint.set_default_client_config(tls::quinn_client_config(
             &config.trusted_certificates,
+            config.client_identity.as_ref(),
             config.keep_alive_interval,
             config.idle_timeout,
         )?);
-        let connection =
-            open_connection(&endpoint, socket_addr, &server_name, config.connect_timeout).await?;
+        let (connection, role) = open_connection(
+            &endpoint,
+            socket_addr,
+            &server_name,
+            config.connect_timeout,
+            config.token.as_deref(),
+        )
+        .await?;
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint,
                 addr: socket_addr,
                 server_name,
                 connect_timeout: config.connect_timeout,
+                token: config.token,
+                role,
                 connection: parking_lot::Mutex::new(connection),
                 reconnecting: tokio::sync::Mutex::new(()),
             }),
@@ -192,6 +297,54 @@ impl Client {
     /// The server's address.
     pub fn server_addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// The role the server granted this client's token or certificate.
+    pub fn role(&self) -> Role {
+        self.inner.role
+    }
+
+    /// Creates a token with `role`, labelled `name` (admin only). The returned token is
+    /// shown this once: the server keeps only its hash.
+    pub async fn create_token(&self, name: &str, role: Role) -> Result<(String, TokenInfo), Error> {
+        match self
+            .request(&Request::CreateToken {
+                name: name.into(),
+                role,
+            })
+            .await?
+        {
+            Response::TokenCreated { token, info } => Ok((token, info)),
+            other => Err(unexpected("CreateToken", &other)),
+        }
+    }
+
+    /// Revokes the token `id` (admin only); connections using it are closed. Returns
+    /// whether it existed.
+    pub async fn revoke_token(&self, id: &str) -> Result<bool, Error> {
+        match self
+            .request(&Request::RevokeToken { id: id.into() })
+            .await?
+        {
+            Response::TokenRevoked { existed } => Ok(existed),
+            other => Err(unexpected("RevokeToken", &other)),
+        }
+    }
+
+    /// The server's tokens, without their secrets (admin only).
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+        match self.request(&Request::ListTokens).await? {
+            Response::Tokens(tokens) => Ok(tokens),
+            other => Err(unexpected("ListTokens", &other)),
+        }
+    }
+
+    /// Asks the server to shut down gracefully (admin only).
+    pub async fn shutdown_server(&self) -> Result<(), Error> {
+        match self.request(&Request::Shutdown).await? {
+            Response::ShuttingDown => Ok(()),
+            other => Err(unexpected("Shutdown", &other)),
+        }
     }
 
     /// Round trip to the server.
@@ -541,11 +694,12 @@ impl Client {
         }
         tracing::debug!(%error, "connection lost; reconnecting");
         let inner = &self.inner;
-        let fresh = open_connection(
+        let (fresh, _role) = open_connection(
             &inner.endpoint,
             inner.addr,
             &inner.server_name,
             inner.connect_timeout,
+            inner.token.as_deref(),
         )
         .await
         .map_err(|failure| match failure {
@@ -704,22 +858,75 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
     Ok((socket_addr, host))
 }
 
+/// Makes a connection and authenticates it; returns it with the role the server granted.
 async fn open_connection(
     endpoint: &Endpoint,
     addr: SocketAddr,
     server_name: &str,
     timeout: Duration,
-) -> Result<Connection, Error> {
+    token: Option<&str>,
+) -> Result<(Connection, Role), Error> {
     let connect_error = |reason: String| Error::Connect { addr, reason };
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|error| connect_error(error.to_string()))?;
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(connect_error(describe_connect_failure(&error))),
+    let connection = match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => return Err(connect_error(describe_connect_failure(&error))),
+        Err(_) => {
+            return Err(connect_error(format!(
+                "no answer within {timeout:?}: is a server running there (`transdb serve`)?"
+            )));
+        }
+    };
+    match tokio::time::timeout(timeout, authenticate(&connection, token)).await {
+        Ok(Ok(role)) => Ok((connection, role)),
+        // Nothing was sent but authentication: a lost connection is a failed connect.
+        Ok(Err(Error::ConnectionLost { reason, .. })) => Err(connect_error(reason)),
+        Ok(Err(error)) => Err(error),
         Err(_) => Err(connect_error(format!(
-            "no answer within {timeout:?}: is a server running there (`transdb serve`)?"
+            "the server did not answer authentication within {timeout:?}"
         ))),
+    }
+}
+
+/// Sends `Authenticate` on the connection's first stream.
+async fn authenticate(connection: &Connection, token: Option<&str>) -> Result<Role, Error> {
+    let unauthenticated =
+        |message: String| Error::Rejected(ErrorResponse::new(ErrorCode::UNAUTHENTICATED, message));
+    let request = Request::Authenticate {
+        token: token.map(Cow::Borrowed),
+    };
+    let frame = frame::encode_to_vec(&request).map_err(|error| Error::Config(error.to_string()))?;
+    let outcome = async {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(connection_lost)?;
+        send.write_all(&frame).await.map_err(write_error)?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new();
+        match reader.next::<Response<'_>>(&mut recv).await {
+            Ok(Some(response)) => Ok(response.into_owned()),
+            Ok(None) => Err(Error::Protocol(
+                "the server finished the authentication stream without answering".into(),
+            )),
+            Err(error) => Err(read_error(error)),
+        }
+    }
+    .await;
+    match outcome {
+        Ok(Response::Authenticated { role }) => Ok(role),
+        Ok(Response::Error(error)) => Err(Error::Rejected(error)),
+        Ok(other) => Err(unexpected("Authenticate", &other)),
+        Err(Error::ConnectionLost {
+            code: Some(ErrorCode::UNAUTHENTICATED),
+            reason,
+        }) => Err(unauthenticated(reason)),
+        Err(Error::StreamReset {
+            code: ErrorCode::MALFORMED_FRAME,
+        }) => Err(Error::Protocol(
+            "the server does not understand Authenticate: it is older than this client; upgrade it"
+                .into(),
+        )),
+        Err(error) => Err(error),
     }
 }
 
@@ -795,6 +1002,7 @@ fn read_error(error: ReadFrameError) -> Error {
         },
         ReadFrameError::Stream(ReadError::ConnectionLost(error)) => connection_lost(error),
         ReadFrameError::Stream(other) => Error::Protocol(other.to_string()),
+        ReadFrameError::Refused(code) => Error::StreamReset { code },
     }
 }
 

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::Error;
 
@@ -53,8 +53,32 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Reads a private key from a file in PEM or DER (PKCS#8, PKCS#1 or SEC1) form.
+///
+/// # Errors
+/// [`Error::Config`] naming the file if it cannot be read or holds no key.
+pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let bytes = std::fs::read(path).map_err(|error| {
+        Error::Config(format!("cannot read key file {}: {error}", path.display()))
+    })?;
+    parse_private_key(&bytes)
+        .map_err(|reason| Error::Config(format!("key file {}: {reason}", path.display())))
+}
+
+/// Parses a private key in PEM or DER form (see [`load_private_key`]).
+pub fn parse_private_key(bytes: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    if is_pem(bytes) {
+        PrivateKeyDer::from_pem_slice(bytes)
+            .map_err(|error| format!("no usable PEM private key: {error}"))
+    } else {
+        PrivateKeyDer::try_from(bytes.to_vec())
+            .map_err(|error| format!("neither a PEM nor a DER private key: {error}"))
+    }
+}
+
 pub(crate) fn quinn_client_config(
     trusted: &[CertificateDer<'static>],
+    identity: Option<&crate::ClientIdentity>,
     keep_alive_interval: Duration,
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, Error> {
@@ -69,11 +93,16 @@ pub(crate) fn quinn_client_config(
             "no trusted certificate: pass the server's certificate or CA (e.g. --ca transdb-data/cert.pem)".into(),
         ));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|error| Error::Config(format!("TLS configuration: {error}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(identity) => tls
+            .with_client_auth_cert(identity.certificates.clone(), identity.key.clone_key())
+            .map_err(|error| Error::Config(format!("client certificate: {error}")))?,
+        None => tls.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![transdb_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|error| Error::Config(format!("QUIC TLS configuration: {error}")))?;

@@ -15,6 +15,8 @@ pub enum ReadFrameError {
     Frame(FrameError),
     /// The stream or the connection failed.
     Stream(ReadError),
+    /// The admission check of [`FrameReader::next_payload_admitted`] refused the frame.
+    Refused(transdb_proto::ErrorCode),
 }
 
 /// Reads frames from one receive stream.
@@ -42,12 +44,32 @@ impl FrameReader {
         &mut self,
         recv: &mut RecvStream,
     ) -> Result<Option<&[u8]>, ReadFrameError> {
+        self.next_payload_admitted(recv, |_| Ok(())).await
+    }
+
+    /// Like [`FrameReader::next_payload`], but calls `admit` with the frame's length (its
+    /// payload bytes) once its header has arrived and before more of it is buffered (bytes
+    /// of it that arrived in the same packet excepted); an `Err(code)` ends the read with
+    /// [`ReadFrameError::Refused`]. A server uses it to reserve memory for the frame.
+    pub async fn next_payload_admitted(
+        &mut self,
+        recv: &mut RecvStream,
+        mut admit: impl FnMut(usize) -> Result<(), transdb_proto::ErrorCode>,
+    ) -> Result<Option<&[u8]>, ReadFrameError> {
+        let mut admitted = false;
         if self.consumed > 0 {
             self.buffer.drain(..self.consumed);
             self.consumed = 0;
         }
         loop {
-            if let Some((_, length)) = frame::split(&self.buffer).map_err(ReadFrameError::Frame)? {
+            let split = frame::split(&self.buffer).map_err(ReadFrameError::Frame)?;
+            if !admitted && self.buffer.len() >= frame::HEADER_BYTES {
+                let mut header = [0u8; frame::HEADER_BYTES];
+                header.copy_from_slice(&self.buffer[..frame::HEADER_BYTES]);
+                admit(u32::from_be_bytes(header) as usize).map_err(ReadFrameError::Refused)?;
+                admitted = true;
+            }
+            if let Some((_, length)) = split {
                 self.consumed = length;
                 return Ok(Some(&self.buffer[frame::HEADER_BYTES..length]));
             }
