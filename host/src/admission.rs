@@ -28,7 +28,8 @@ pub fn required_role(request: &Request<'_>) -> Role {
         | Request::CreateToken { .. }
         | Request::RevokeToken { .. }
         | Request::ListTokens
-        | Request::Shutdown => Role::Admin,
+        | Request::Shutdown
+        | Request::Undeploy { .. } => Role::Admin,
     }
 }
 
@@ -78,7 +79,8 @@ pub fn admit(request: &Request<'_>) -> Result<(), ErrorResponse> {
         | Request::CreateToken { .. }
         | Request::RevokeToken { .. }
         | Request::ListTokens
-        | Request::Shutdown => Ok(()),
+        | Request::Shutdown
+        | Request::Undeploy { .. } => Ok(()),
         Request::Batch { ops } => limits::check_batch(ops),
         Request::Call { args, .. } => limits::check_value(args).map_err(|mut error| {
             error.message = error.message.replace("value", "arguments");

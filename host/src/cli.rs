@@ -86,6 +86,11 @@ pub enum Command {
         /// The .wasm file.
         file: PathBuf,
     },
+    /// Remove the module NAME (admin); calls after it get MODULE_NOT_FOUND.
+    Undeploy {
+        /// Module name.
+        name: String,
+    },
     /// Call a procedure as one transaction and print its JSON result.
     Call {
         /// Module name.
@@ -706,6 +711,14 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
                 println!("revoked {id}");
             } else {
                 eprintln!("no token with id {id} (see `transdb token list`)");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Undeploy { name } => {
+            if client.undeploy(name).await? {
+                println!("undeployed {name}");
+            } else {
+                eprintln!("no module {name} is deployed (see `transdb procedures`)");
                 return Ok(ExitCode::from(1));
             }
         }

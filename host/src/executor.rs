@@ -289,7 +289,10 @@ impl Executor {
         let recorded = self.history.as_ref().map(|_| request.clone().into_owned());
         let input_bytes = input_bytes(&request);
         let mut record = match &request {
-            Request::Put { .. } | Request::Delete { .. } | Request::Batch { .. }
+            Request::Put { .. }
+            | Request::Delete { .. }
+            | Request::Batch { .. }
+            | Request::Undeploy { .. }
                 if self.scheduler.logging() =>
             {
                 Some(LogCommand::Request(request.clone()).encode())
@@ -420,6 +423,22 @@ impl Executor {
             Request::Deploy { name, module } => {
                 self.deploy(name.into_owned(), module.into_owned(), out)
                     .await
+            }
+            Request::Undeploy { name } => {
+                if let Err(error) = crate::procedures::check_name(&name, true, "module") {
+                    encode(&Response::Error(error), out);
+                    None
+                } else {
+                    // Every lock, like a deploy: calls ordered after it find no module.
+                    let grant = self
+                        .acquire(LockSet::All, input_bytes, record.take(), out)
+                        .await;
+                    if let Some(grant) = &grant {
+                        let existed = self.procedures.uninstall(&name, grant.position());
+                        encode(&Response::Undeployed { existed }, out);
+                    }
+                    grant
+                }
             }
             Request::ListModules => {
                 encode(&Response::Modules(self.procedures.list()), out);
@@ -852,6 +871,7 @@ fn input_bytes(request: &Request<'_>) -> usize {
             })
             .sum(),
         Request::Deploy { name, module } => name.len() + module.len(),
+        Request::Undeploy { name } => name.len(),
         _ => 0,
     }
 }

@@ -184,6 +184,19 @@ impl Procedures {
         Ok(info)
     }
 
+    /// Removes module `name` as the transaction at `position` (which holds every lock);
+    /// returns whether it was deployed.
+    pub fn uninstall(&self, name: &str, position: Position) -> bool {
+        let mut modules = self.modules.write();
+        let existed = modules.by_name.remove(name).is_some();
+        modules.last_install = Some(position);
+        drop(modules);
+        if existed {
+            tracing::info!(module = %name, "undeployed");
+        }
+        existed
+    }
+
     /// Installs a module loaded from a checkpoint (recovery, before anything is ordered).
     pub fn restore(&self, module: Arc<DeployedModule>) {
         let name = module.name.to_string();
@@ -277,7 +290,7 @@ impl Procedures {
     }
 }
 
-fn check_name(name: &str, allow_dash: bool, what: &str) -> Result<(), ErrorResponse> {
+pub(crate) fn check_name(name: &str, allow_dash: bool, what: &str) -> Result<(), ErrorResponse> {
     if abi::is_valid_name(name, allow_dash) {
         return Ok(());
     }

@@ -82,6 +82,10 @@ impl Replayer {
                     .await?;
                 let _ = store.apply(writes, at);
             }
+            LogCommand::Request(Request::Undeploy { name }) => {
+                let at = self.lock(LockSet::All).await?;
+                self.procedures.uninstall(&name, at);
+            }
             LogCommand::Request(other) => {
                 return Err(format!(
                     "the command logged at position {position} is a {} request, which is never logged: the log was not written by this version of TransDB",

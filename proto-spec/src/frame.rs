@@ -323,6 +323,10 @@ mod tests {
                 encode_to_vec(&Request::Shutdown).unwrap(),
             ),
             (
+                "request Undeploy{name:\"m\"}",
+                encode_to_vec(&Request::Undeploy { name: "m".into() }).unwrap(),
+            ),
+            (
                 "response Authenticated{role:Write}",
                 encode_to_vec(&Response::Authenticated {
                     role: crate::message::Role::Write,

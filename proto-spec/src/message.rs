@@ -131,6 +131,13 @@ pub enum Request<'a> {
     /// Shut the server down gracefully (admin only); answered with
     /// [`Response::ShuttingDown`] before the server stops accepting requests.
     Shutdown,
+    /// Remove the module `name` (admin only); answered with [`Response::Undeployed`].
+    /// Ordered like a deploy: calls ordered before it run, calls after it find no module.
+    Undeploy {
+        /// Module name.
+        #[serde(borrow)]
+        name: Cow<'a, str>,
+    },
 }
 
 /// What a connection may do. Each role may do everything the roles before it may.
@@ -142,7 +149,8 @@ pub enum Role {
     /// Reads and writes: also `Put`, `Delete`, `Batch`, any `Call`, and interactive
     /// transactions that write.
     Write,
-    /// Everything: also `Deploy`, `Checkpoint`, `Backup`, token management and `Shutdown`.
+    /// Everything: also `Deploy`, `Undeploy`, `Checkpoint`, `Backup`, token management and
+    /// `Shutdown`.
     Admin,
 }
 
@@ -325,6 +333,11 @@ pub enum Response<'a> {
     /// Answer to [`Request::Shutdown`]: the server stops accepting connections and
     /// requests, answers those in flight, and exits.
     ShuttingDown,
+    /// Answer to [`Request::Undeploy`].
+    Undeployed {
+        /// Whether a module of that name was deployed.
+        existed: bool,
+    },
 }
 
 /// What a checkpoint or backup wrote.
@@ -393,6 +406,7 @@ impl Request<'_> {
             Request::RevokeToken { .. } => "RevokeToken",
             Request::ListTokens => "ListTokens",
             Request::Shutdown => "Shutdown",
+            Request::Undeploy { .. } => "Undeploy",
         }
     }
 
@@ -449,6 +463,9 @@ impl Request<'_> {
             },
             Request::ListTokens => Request::ListTokens,
             Request::Shutdown => Request::Shutdown,
+            Request::Undeploy { name } => Request::Undeploy {
+                name: Cow::Owned(name.into_owned()),
+            },
         }
     }
 }
@@ -478,6 +495,7 @@ impl Response<'_> {
             Response::TokenRevoked { existed } => Response::TokenRevoked { existed },
             Response::Tokens(tokens) => Response::Tokens(tokens),
             Response::ShuttingDown => Response::ShuttingDown,
+            Response::Undeployed { existed } => Response::Undeployed { existed },
         }
     }
 
@@ -503,6 +521,7 @@ impl Response<'_> {
             Response::TokenRevoked { .. } => "TokenRevoked",
             Response::Tokens(_) => "Tokens",
             Response::ShuttingDown => "ShuttingDown",
+            Response::Undeployed { .. } => "Undeployed",
         }
     }
 }

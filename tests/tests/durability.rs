@@ -528,6 +528,59 @@ async fn a_graceful_restart_restores_the_exact_state_and_the_modules() {
     stop(server, client).await;
 }
 
+/// An undeploy is ordered and logged like a deploy: calls after it find no module, and
+/// neither a restart replaying the log nor one from a checkpoint taken after it brings
+/// the module back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeployed_module_stays_gone_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = start_in(&data_dir, |_| {}).await;
+    let client = client_of(&server).await;
+    client.deploy("kv", &procedure_module("kv")).await.unwrap();
+    client
+        .deploy("bank", &procedure_module("bank"))
+        .await
+        .unwrap();
+    assert!(client.undeploy("kv").await.unwrap());
+    assert!(
+        !client.undeploy("kv").await.unwrap(),
+        "undeploy is idempotent"
+    );
+    let error = client
+        .call_json("kv", "get", r#"{"key":"k"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::MODULE_NOT_FOUND), "{error}");
+    let names = |modules: Vec<transdb_client::ModuleInfo>| {
+        modules
+            .into_iter()
+            .map(|module| module.name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(client.modules().await.unwrap()), ["bank"]);
+    stop(server, client).await;
+
+    let server = start_in(&data_dir, |_| {}).await;
+    let client = client_of(&server).await;
+    assert_eq!(
+        names(client.modules().await.unwrap()),
+        ["bank"],
+        "after replay"
+    );
+    assert!(client.undeploy("bank").await.unwrap());
+    client.checkpoint().await.unwrap();
+    stop(server, client).await;
+
+    let server = start_in(&data_dir, |_| {}).await;
+    let client = client_of(&server).await;
+    assert!(
+        client.modules().await.unwrap().is_empty(),
+        "after a checkpoint"
+    );
+    stop(server, client).await;
+}
+
 /// `SIGKILL` of `transdb serve` (default `--durability sync`) loses nothing acknowledged:
 /// restarted on the same data directory, the state and modules are exactly as before, and
 /// again after a second kill following writes made after the first restart.

@@ -339,6 +339,18 @@ impl Client {
         }
     }
 
+    /// Removes the module `name` (admin only); returns whether it was deployed. Calls
+    /// ordered after it get `MODULE_NOT_FOUND`.
+    pub async fn undeploy(&self, name: &str) -> Result<bool, Error> {
+        match self
+            .request(&Request::Undeploy { name: name.into() })
+            .await?
+        {
+            Response::Undeployed { existed } => Ok(existed),
+            other => Err(unexpected("Undeploy", &other)),
+        }
+    }
+
     /// Asks the server to shut down gracefully (admin only).
     pub async fn shutdown_server(&self) -> Result<(), Error> {
         match self.request(&Request::Shutdown).await? {
