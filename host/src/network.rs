@@ -6,7 +6,8 @@
 //!   task per stream reads request frames, answers each in order, and ends when the client
 //!   finishes the stream;
 //! - a connection's first stream must carry `Authenticate` as its first request, within
-//!   the auth timeout; the server answers `Authenticated` (and the stream goes on like any
+//!   the auth timeout; until it has authenticated, a connection may open only that one
+//!   stream, and that request may be at most 1 KiB; the server answers `Authenticated` (and the stream goes on like any
 //!   other) or an `UNAUTHENTICATED` error followed by closing the connection with that
 //!   code. Failures are counted and logged with the peer's address, never the token;
 //! - every request is checked against the connection's role; a request after the
@@ -45,6 +46,10 @@ use transdb_proto::{ErrorCode, ErrorResponse, Request, Response};
 use crate::auth::{CertificateRoles, Principal, Tokens};
 use crate::executor::{Executor, Session, encode};
 
+/// Longest frame an unauthenticated connection may send: an `Authenticate` with the
+/// longest token fits many times over.
+const MAX_AUTHENTICATE_BYTES: usize = 1024;
+
 /// How long the server waits for a refused client to receive its error before closing.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
@@ -58,6 +63,8 @@ pub(crate) struct Shared {
     /// Every request-stream task.
     pub streams: TaskTracker,
     pub max_connections: usize,
+    /// Concurrent request streams an authenticated connection may open.
+    pub max_streams_per_connection: u32,
     /// How long an open interactive transaction may wait for its next request.
     pub transaction_idle_timeout: Duration,
     /// How long a stream may make no progress otherwise.
@@ -224,7 +231,17 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
             recv,
             reader: FrameReader::new(),
         };
-        let outcome = match stream.reader.next_payload(&mut stream.recv).await {
+        let outcome = match stream
+            .reader
+            .next_payload_admitted(&mut stream.recv, |length| {
+                if length <= MAX_AUTHENTICATE_BYTES {
+                    Ok(())
+                } else {
+                    Err(ErrorCode::UNAUTHENTICATED)
+                }
+            })
+            .await
+        {
             Ok(Some(payload)) => match frame::decode::<Request<'_>>(payload) {
                 Ok(Request::Authenticate { token: Some(token) }) => shared
                     .tokens
@@ -247,7 +264,10 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
                 stream.reset(error.code());
                 Err(error.to_string())
             }
-            Err(ReadFrameError::Stream(_) | ReadFrameError::Refused(_)) => return None,
+            Err(ReadFrameError::Refused(_)) => Err(format!(
+                "not authenticated: the first request is longer than an Authenticate can be ({MAX_AUTHENTICATE_BYTES} bytes)"
+            )),
+            Err(ReadFrameError::Stream(_)) => return None,
         };
         Some((stream, outcome))
     };
@@ -270,6 +290,9 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
         }
         Ok(None) => None,
         Ok(Some((mut stream, Ok(principal)))) => {
+            // Until now the connection could open this one stream; now its full credit.
+            connection
+                .set_max_concurrent_bi_streams(VarInt::from_u32(shared.max_streams_per_connection));
             let mut response = Vec::new();
             let authenticated = Response::Authenticated {
                 role: principal.role,

@@ -31,7 +31,7 @@ pub const LOCK_FILE: &str = "LOCK";
 /// Bytes a connection may have in flight towards the server beyond what the server has
 /// read (QUIC's connection-level flow-control window): room for one maximum-size frame and
 /// some, so one connection cannot fill the server's memory with data it does not read.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 5 << 20;
 
 /// How long shutdown waits for connections to finish closing after the close is sent.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -82,8 +82,10 @@ impl Server {
                 .quic_server_config(certificate_roles.as_ref().map(|roles| roles.verifier()))?,
         );
         let mut transport = quinn::TransportConfig::default();
+        // One stream until the connection has authenticated (network.rs then raises it to
+        // --max-streams-per-connection).
         transport
-            .max_concurrent_bidi_streams(VarInt::from_u32(config.max_streams_per_connection))
+            .max_concurrent_bidi_streams(VarInt::from_u32(1))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
             .max_idle_timeout(Some(
@@ -134,6 +136,7 @@ impl Server {
             shutdown_requested: CancellationToken::new(),
             streams: TaskTracker::new(),
             max_connections: config.max_connections,
+            max_streams_per_connection: config.max_streams_per_connection,
             transaction_idle_timeout: config.transaction_idle_timeout,
             stream_timeout: config.stream_timeout,
             auth_timeout: config.auth_timeout,
