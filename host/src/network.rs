@@ -312,13 +312,7 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
                 &Response::Error(ErrorResponse::new(ErrorCode::UNAUTHENTICATED, message)),
                 &mut response,
             );
-            let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-                if stream.send.write_all(&response).await.is_ok() && stream.send.finish().is_ok() {
-                    let _ = stream.send.stopped().await;
-                }
-            })
-            .await;
-            connection.close(code(ErrorCode::UNAUTHENTICATED), b"not authenticated");
+            refuse_and_close(&mut stream, &connection, &response, b"not authenticated").await;
             None
         }
     }
@@ -395,8 +389,7 @@ async fn serve_stream(
                 )),
                 &mut response,
             );
-            let _ = tokio::time::timeout(REFUSAL_LINGER, stream.send.write_all(&response)).await;
-            connection.close(code(ErrorCode::UNAUTHENTICATED), b"token revoked");
+            refuse_and_close(&mut stream, &connection, &response, b"token revoked").await;
             return;
         }
         let answer = if session.in_transaction() {
@@ -476,6 +469,24 @@ fn connection_request(
         _ => return None,
     };
     Some(result.unwrap_or_else(Response::Error))
+}
+
+/// Sends `response` (an `UNAUTHENTICATED` error) and finishes the stream, waits (at most
+/// [`REFUSAL_LINGER`]) until the client has it, then closes the connection: closing at once
+/// would discard the answer still queued.
+async fn refuse_and_close(
+    stream: &mut Stream,
+    connection: &Connection,
+    response: &[u8],
+    reason: &[u8],
+) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        if stream.send.write_all(response).await.is_ok() && stream.send.finish().is_ok() {
+            let _ = stream.send.stopped().await;
+        }
+    })
+    .await;
+    connection.close(code(ErrorCode::UNAUTHENTICATED), reason);
 }
 
 fn reset(stream: &mut Stream, error: FrameError) {

@@ -369,8 +369,9 @@ pub struct ServerStats {
     pub modules: u64,
     /// Open connections (authenticated or not).
     pub connections: u64,
-    /// Connections refused since the server started because their token or certificate
-    /// was missing, wrong or revoked.
+    /// Connections refused with `UNAUTHENTICATED` since the server started: a missing,
+    /// wrong or revoked token, no accepted certificate, or no `Authenticate` in time. (A
+    /// client certificate from an unknown CA fails the TLS handshake before this point.)
     pub auth_failures: u64,
 }
 

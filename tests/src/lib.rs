@@ -370,6 +370,8 @@ pub fn cli(cwd: &Path, args: &[&str], stdin: &[u8]) -> CliOutput {
         .args(args)
         .env_remove("TRANSDB_SERVER")
         .env_remove("TRANSDB_CA")
+        .env_remove("TRANSDB_TOKEN")
+        .env_remove("TRANSDB_TOKEN_FILE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
