@@ -312,7 +312,7 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
                 &Response::Error(ErrorResponse::new(ErrorCode::UNAUTHENTICATED, message)),
                 &mut response,
             );
-            refuse_and_close(&mut stream, &connection, &response, b"not authenticated").await;
+            refuse_and_close(&mut stream, connection, &response, b"not authenticated").await;
             None
         }
     }

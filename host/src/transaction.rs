@@ -88,8 +88,10 @@ impl Transaction {
 
     /// Buffers `key = value`.
     pub fn put(&mut self, key: &str, value: &[u8]) -> Result<(), ErrorResponse> {
-        self.admit(key, true)?;
+        // The value first: a refused put must not count as a write of the key (a
+        // reconnaissance run would otherwise record the key as read-only).
         limits::check_value(value)?;
+        self.admit(key, true)?;
         self.writes
             .insert(key.to_owned(), Some(Bytes::copy_from_slice(value)));
         Ok(())
