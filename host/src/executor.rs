@@ -204,7 +204,8 @@ impl Executor {
                         ErrorCode::STORE_FULL,
                         format!(
                             "the store is full: it holds {used} bytes and the limit (--max-memory) is {limit}; \
-                             nothing was written: delete keys (deletes are always accepted) or raise the limit"
+                             nothing was written: delete keys (Delete and batches of deletes are always accepted) \
+                             or raise the limit"
                         ),
                     ))
                 } else {

@@ -75,6 +75,7 @@ pub(crate) struct Shared {
     pub certificate_roles: Option<Arc<CertificateRoles>>,
     /// Bytes of request frames being read or executed, at most `--max-request-memory`.
     pub request_memory: Arc<Semaphore>,
+    pub max_request_memory: usize,
 }
 
 fn code(code: ErrorCode) -> VarInt {
@@ -147,10 +148,16 @@ impl Stream {
 
 async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     let slot = ConnectionSlot::take(&shared);
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(error) => {
+    // The handshake counts against the auth timeout too: a peer that starts handshakes and
+    // never finishes them holds its slot no longer than one that never authenticates.
+    let connection = match tokio::time::timeout(shared.auth_timeout, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
             tracing::debug!(%error, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("handshake not finished within the auth timeout");
             return;
         }
     };
@@ -233,13 +240,17 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
         };
         let outcome = match stream
             .reader
-            .next_payload_admitted(&mut stream.recv, |length| {
-                if length <= MAX_AUTHENTICATE_BYTES {
-                    Ok(())
-                } else {
-                    Err(ErrorCode::UNAUTHENTICATED)
-                }
-            })
+            .next_payload_admitted(
+                &mut stream.recv,
+                |length| {
+                    if length <= MAX_AUTHENTICATE_BYTES {
+                        Ok(())
+                    } else {
+                        Err(ErrorCode::UNAUTHENTICATED)
+                    }
+                },
+                None, // the auth timeout bounds the whole exchange
+            )
             .await
         {
             Ok(Some(payload)) => match frame::decode::<Request<'_>>(payload) {
@@ -267,7 +278,7 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
             Err(ReadFrameError::Refused(_)) => Err(format!(
                 "not authenticated: the first request is longer than an Authenticate can be ({MAX_AUTHENTICATE_BYTES} bytes)"
             )),
-            Err(ReadFrameError::Stream(_)) => return None,
+            Err(ReadFrameError::Stream(_) | ReadFrameError::Idle) => return None,
         };
         Some((stream, outcome))
     };
@@ -338,13 +349,17 @@ async fn serve_stream(
         };
         // Memory reserved for the frame being read, until it is answered.
         let mut reserved: Option<OwnedSemaphorePermit> = None;
-        let next = tokio::time::timeout(
-            idle_limit,
-            stream
-                .reader
-                .next_payload_admitted(&mut stream.recv, |length| {
-                    let bytes = u32::try_from(length + frame::HEADER_BYTES)
-                        .map_err(|_| ErrorCode::FRAME_TOO_LARGE)?;
+        let next = stream
+            .reader
+            .next_payload_admitted(
+                &mut stream.recv,
+                |length| {
+                    let bytes = length + frame::HEADER_BYTES;
+                    if bytes > shared.max_request_memory {
+                        // It could never fit: not a retryable OVERLOADED.
+                        return Err(ErrorCode::FRAME_TOO_LARGE);
+                    }
+                    let bytes = u32::try_from(bytes).map_err(|_| ErrorCode::FRAME_TOO_LARGE)?;
                     reserved = Some(
                         shared
                             .request_memory
@@ -353,25 +368,26 @@ async fn serve_stream(
                             .map_err(|_| ErrorCode::OVERLOADED)?,
                     );
                     Ok(())
-                }),
-        )
-        .await;
+                },
+                Some(idle_limit),
+            )
+            .await;
         let payload = match next {
-            Err(_) => {
+            Err(ReadFrameError::Idle) => {
                 tracing::debug!(code = %idle_code, "stream idle past its timeout; reset");
                 drop(session); // rolls an open transaction back
                 stream.reset(idle_code);
                 return;
             }
-            Ok(Ok(Some(payload))) => payload,
-            Ok(Ok(None)) => break,
-            Ok(Err(ReadFrameError::Frame(error))) => return reset(&mut stream, error),
-            Ok(Err(ReadFrameError::Refused(refusal))) => {
+            Ok(Some(payload)) => payload,
+            Ok(None) => break,
+            Err(ReadFrameError::Frame(error)) => return reset(&mut stream, error),
+            Err(ReadFrameError::Refused(refusal)) => {
                 tracing::debug!(%refusal, "request memory exhausted; stream reset");
                 stream.reset(refusal);
                 return;
             }
-            Ok(Err(ReadFrameError::Stream(error))) => {
+            Err(ReadFrameError::Stream(error)) => {
                 tracing::debug!(%error, "request stream failed");
                 return;
             }
@@ -407,13 +423,13 @@ async fn serve_stream(
         }
         // If the client has already finished its side, the FIN goes out with the answer.
         let last = stream.reader.finished_now(&mut stream.recv).await;
-        match tokio::time::timeout(shared.stream_timeout, stream.send.write_all(&response)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        match write_with_progress(&mut stream.send, &response, shared.stream_timeout).await {
+            Ok(()) => {}
+            Err(Some(error)) => {
                 tracing::debug!(%error, "cannot send response");
                 return;
             }
-            Err(_) => {
+            Err(None) => {
                 tracing::debug!("response unread past the stream timeout; reset");
                 stream.reset(ErrorCode::STREAM_TIMEOUT);
                 return;
@@ -487,6 +503,24 @@ async fn refuse_and_close(
     })
     .await;
     connection.close(code(ErrorCode::UNAUTHENTICATED), reason);
+}
+
+/// Writes all of `bytes`, failing with `Err(None)` if the peer takes none of them for
+/// `idle` (a slow reader that keeps reading is never cut off).
+async fn write_with_progress(
+    send: &mut SendStream,
+    bytes: &[u8],
+    idle: Duration,
+) -> Result<(), Option<quinn::WriteError>> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match tokio::time::timeout(idle, send.write(&bytes[written..])).await {
+            Ok(Ok(count)) => written += count,
+            Ok(Err(error)) => return Err(Some(error)),
+            Err(_) => return Err(None),
+        }
+    }
+    Ok(())
 }
 
 fn reset(stream: &mut Stream, error: FrameError) {

@@ -143,6 +143,7 @@ impl Server {
             tokens,
             certificate_roles,
             request_memory: Arc::new(Semaphore::new(config.max_request_memory)),
+            max_request_memory: config.max_request_memory,
         });
         let accept_task = tokio::spawn(network::accept_connections(
             endpoint.clone(),

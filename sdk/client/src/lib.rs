@@ -1015,6 +1015,7 @@ fn read_error(error: ReadFrameError) -> Error {
         ReadFrameError::Stream(ReadError::ConnectionLost(error)) => connection_lost(error),
         ReadFrameError::Stream(other) => Error::Protocol(other.to_string()),
         ReadFrameError::Refused(code) => Error::StreamReset { code },
+        ReadFrameError::Idle => Error::Protocol("the server sent nothing for too long".into()),
     }
 }
 

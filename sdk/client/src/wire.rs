@@ -17,6 +17,8 @@ pub enum ReadFrameError {
     Stream(ReadError),
     /// The admission check of [`FrameReader::next_payload_admitted`] refused the frame.
     Refused(transdb_proto::ErrorCode),
+    /// No byte arrived for the `idle` time given to [`FrameReader::next_payload_admitted`].
+    Idle,
 }
 
 /// Reads frames from one receive stream.
@@ -44,17 +46,20 @@ impl FrameReader {
         &mut self,
         recv: &mut RecvStream,
     ) -> Result<Option<&[u8]>, ReadFrameError> {
-        self.next_payload_admitted(recv, |_| Ok(())).await
+        self.next_payload_admitted(recv, |_| Ok(()), None).await
     }
 
     /// Like [`FrameReader::next_payload`], but calls `admit` with the frame's length (its
     /// payload bytes) once its header has arrived and before more of it is buffered (bytes
     /// of it that arrived in the same packet excepted); an `Err(code)` ends the read with
-    /// [`ReadFrameError::Refused`]. A server uses it to reserve memory for the frame.
+    /// [`ReadFrameError::Refused`]. A server uses it to reserve memory for the frame. With
+    /// `idle`, a wait of that long without a byte arriving ends the read with
+    /// [`ReadFrameError::Idle`] (a frame that keeps arriving, however slowly, is never cut).
     pub async fn next_payload_admitted(
         &mut self,
         recv: &mut RecvStream,
         mut admit: impl FnMut(usize) -> Result<(), transdb_proto::ErrorCode>,
+        idle: Option<std::time::Duration>,
     ) -> Result<Option<&[u8]>, ReadFrameError> {
         let mut admitted = false;
         if self.consumed > 0 {
@@ -80,11 +85,14 @@ impl FrameReader {
                     Err(ReadFrameError::Frame(FrameError::Truncated))
                 };
             }
-            match recv
-                .read_chunk(usize::MAX, true)
-                .await
-                .map_err(ReadFrameError::Stream)?
-            {
+            let read = recv.read_chunk(usize::MAX, true);
+            let chunk = match idle {
+                Some(idle) => tokio::time::timeout(idle, read)
+                    .await
+                    .map_err(|_| ReadFrameError::Idle)?,
+                None => read.await,
+            };
+            match chunk.map_err(ReadFrameError::Stream)? {
                 Some(chunk) => self.buffer.extend_from_slice(&chunk.bytes),
                 None => self.finished = true,
             }
