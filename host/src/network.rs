@@ -22,24 +22,23 @@
 //!   frame, or with a response the client does not read) is reset with
 //!   [`ErrorCode::STREAM_TIMEOUT`]; with an interactive transaction open, the transaction
 //!   idle timeout applies instead and resets with [`ErrorCode::TRANSACTION_TIMEOUT`];
-//! - a stream task lives until the client has acknowledged its last response (or the
-//!   stream timeout passes), so that graceful shutdown, which waits for all stream tasks
-//!   before closing connections, never drops an answer the server already computed;
+//! - a stream task lives until the client has acknowledged its last response, so that
+//!   graceful shutdown, which waits for all stream tasks before closing connections, never
+//!   drops an answer the server already computed;
 //! - connections over the limit are closed with [`ErrorCode::TOO_MANY_CONNECTIONS`]; once
 //!   shutdown begins, new connections are refused and no new streams are accepted;
 //! - a stream is a [`Session`]: an interactive transaction opened on it ends with it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transdb_client::wire::{FrameReader, ReadFrameError};
+use transdb_client::wire::{FrameReader, ReadFrameError, within};
 use transdb_proto::frame::{self, FrameError};
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response};
 
@@ -74,8 +73,7 @@ pub(crate) struct Shared {
     pub tokens: Arc<Tokens>,
     pub certificate_roles: Option<Arc<CertificateRoles>>,
     /// Bytes of request frames being read or executed, at most `--max-request-memory`.
-    pub request_memory: Arc<Semaphore>,
-    pub max_request_memory: usize,
+    pub request_memory: Arc<RequestMemory>,
 }
 
 fn code(code: ErrorCode) -> VarInt {
@@ -129,6 +127,53 @@ impl Drop for ConnectionSlot<'_> {
             .front_end
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The server's budget of request bytes being read or executed (`--max-request-memory`).
+/// Requests only ever try: a frame that does not fit is refused, never queued, so nothing
+/// can wait on memory that a stalled peer holds.
+pub(crate) struct RequestMemory {
+    used: AtomicUsize,
+    max: usize,
+}
+
+/// Bytes reserved from a [`RequestMemory`], given back on drop.
+pub(crate) struct Reservation {
+    budget: Arc<RequestMemory>,
+    bytes: usize,
+}
+
+impl RequestMemory {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Reserves `bytes`: `OVERLOADED` if they do not fit now, `FRAME_TOO_LARGE` if they
+    /// never could.
+    fn reserve(budget: &Arc<RequestMemory>, bytes: usize) -> Result<Reservation, ErrorCode> {
+        if bytes > budget.max {
+            return Err(ErrorCode::FRAME_TOO_LARGE);
+        }
+        budget
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + bytes <= budget.max).then_some(used + bytes)
+            })
+            .map_err(|_| ErrorCode::OVERLOADED)?;
+        Ok(Reservation {
+            budget: budget.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -348,25 +393,16 @@ async fn serve_stream(
             (shared.stream_timeout, ErrorCode::STREAM_TIMEOUT)
         };
         // Memory reserved for the frame being read, until it is answered.
-        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        let mut reserved: Option<Reservation> = None;
         let next = stream
             .reader
             .next_payload_admitted(
                 &mut stream.recv,
                 |length| {
-                    let bytes = length + frame::HEADER_BYTES;
-                    if bytes > shared.max_request_memory {
-                        // It could never fit: not a retryable OVERLOADED.
-                        return Err(ErrorCode::FRAME_TOO_LARGE);
-                    }
-                    let bytes = u32::try_from(bytes).map_err(|_| ErrorCode::FRAME_TOO_LARGE)?;
-                    reserved = Some(
-                        shared
-                            .request_memory
-                            .clone()
-                            .try_acquire_many_owned(bytes)
-                            .map_err(|_| ErrorCode::OVERLOADED)?,
-                    );
+                    reserved = Some(RequestMemory::reserve(
+                        &shared.request_memory,
+                        length + frame::HEADER_BYTES,
+                    )?);
                     Ok(())
                 },
                 Some(idle_limit),
@@ -444,7 +480,10 @@ async fn serve_stream(
     drop((response, session));
     if send.finish().is_ok() {
         // Resolves when the client has acknowledged everything (or the connection is gone).
-        let _ = tokio::time::timeout(shared.stream_timeout, send.stopped()).await;
+        // No timer is needed: every byte was already within the client's flow-control
+        // credit, so its QUIC stack acknowledges it whether or not the application reads,
+        // and a client that vanishes is closed by the idle timeout.
+        let _ = send.stopped().await;
     }
 }
 
@@ -514,10 +553,10 @@ async fn write_with_progress(
 ) -> Result<(), Option<quinn::WriteError>> {
     let mut written = 0;
     while written < bytes.len() {
-        match tokio::time::timeout(idle, send.write(&bytes[written..])).await {
-            Ok(Ok(count)) => written += count,
-            Ok(Err(error)) => return Err(Some(error)),
-            Err(_) => return Err(None),
+        match within(idle, send.write(&bytes[written..])).await {
+            Some(Ok(count)) => written += count,
+            Some(Err(error)) => return Err(Some(error)),
+            None => return Err(None),
         }
     }
     Ok(())

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use quinn::{Endpoint, VarInt};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,7 +19,7 @@ use crate::durability::{self, Persistence, Recovery};
 use crate::executor::Executor;
 use crate::identity::Identity;
 use crate::log::Durability;
-use crate::network::{self, Shared};
+use crate::network::{self, RequestMemory, Shared};
 use crate::procedures::Procedures;
 use crate::runtime::Runtime;
 use crate::store::Store;
@@ -142,8 +141,7 @@ impl Server {
             auth_timeout: config.auth_timeout,
             tokens,
             certificate_roles,
-            request_memory: Arc::new(Semaphore::new(config.max_request_memory)),
-            max_request_memory: config.max_request_memory,
+            request_memory: Arc::new(RequestMemory::new(config.max_request_memory)),
         });
         let accept_task = tokio::spawn(network::accept_connections(
             endpoint.clone(),

@@ -41,7 +41,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -151,6 +151,9 @@ impl Entry {
 #[derive(Default)]
 pub struct Shard {
     state: RwLock<ShardState>,
+    /// What [`Store::memory_bytes`] counts for this shard, published after every write so
+    /// that the admission check reads it without the lock.
+    memory: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -263,6 +266,12 @@ impl Shard {
     pub fn stats(&self) -> ShardStats {
         self.state.read().stats
     }
+
+    /// Publishes `state`'s size for [`Store::memory_bytes`] (called with the lock held).
+    fn publish(&self, state: &ShardState) {
+        let memory = state.stats.bytes + state.stats.keys * ENTRY_OVERHEAD_BYTES;
+        self.memory.store(memory, Ordering::Relaxed);
+    }
 }
 
 /// What a snapshot read returns: the value and the version it came from.
@@ -352,8 +361,10 @@ impl Store {
 
     fn write(&self, key: &str, value: Option<Bytes>, position: Position) -> bool {
         let mut freed = Vec::new();
-        let mut state = self.shard(key).state.write();
+        let shard = self.shard(key);
+        let mut state = shard.state.write();
         let existed = state.write(key, value, position, self.floor.get(), &mut freed);
+        shard.publish(&state);
         drop(state);
         drop(freed); // previous values, possibly megabytes, are freed outside the lock
         existed
@@ -394,10 +405,7 @@ impl Store {
     pub fn memory_bytes(&self) -> usize {
         self.shards
             .iter()
-            .map(|shard| {
-                let stats = shard.stats();
-                stats.bytes + stats.keys * ENTRY_OVERHEAD_BYTES
-            })
+            .map(|shard| shard.memory.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -512,11 +520,13 @@ impl Store {
 
     fn apply_to_shard(&self, shard: usize, writes: ShardWrites, position: Position) {
         let mut freed = Vec::new();
-        let mut state = self.shards[shard].state.write();
+        let shard = &self.shards[shard];
+        let mut state = shard.state.write();
         let floor = self.floor.get();
         for (key, value) in writes {
             state.write(&key, value, position, floor, &mut freed);
         }
+        shard.publish(&state);
         drop(state);
         drop(freed); // previous values are freed outside the shard lock
     }
@@ -559,6 +569,32 @@ mod tests {
         }
         assert_eq!(stats.iter().map(|stats| stats.keys).sum::<usize>(), 100);
         assert!(stats.iter().all(|stats| stats.keys > 0), "{stats:?}");
+    }
+
+    #[test]
+    fn memory_bytes_follow_every_kind_of_write() {
+        let store = Store::new(4);
+        let expected = |store: &Store| {
+            store
+                .shard_stats()
+                .iter()
+                .map(|stats| stats.bytes + stats.keys * ENTRY_OVERHEAD_BYTES)
+                .sum::<usize>()
+        };
+        assert_eq!(store.memory_bytes(), 0);
+        store.put("a", Bytes::from_static(b"12345"), 0);
+        assert_eq!(store.memory_bytes(), 6 + ENTRY_OVERHEAD_BYTES);
+        let writes: Vec<(String, Option<Bytes>)> = (0..50)
+            .map(|i| (format!("k{i}"), Some(Bytes::from(vec![0u8; i]))))
+            .collect();
+        store.apply(writes, 1).unwrap();
+        assert_eq!(store.memory_bytes(), expected(&store));
+        store.delete("a", 2);
+        store.put("k3", Bytes::new(), 3);
+        assert_eq!(store.memory_bytes(), expected(&store));
+        let deletes = (0..50).map(|i| (format!("k{i}"), None)).collect();
+        store.apply(deletes, 4).unwrap();
+        assert_eq!(store.memory_bytes(), 0);
     }
 
     #[test]

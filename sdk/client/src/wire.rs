@@ -8,6 +8,17 @@ use quinn::{ReadError, RecvStream};
 use serde::Deserialize;
 use transdb_proto::frame::{self, FrameError};
 
+/// `future`'s output, or `None` if it is still pending after `limit`. A future that is
+/// ready at once (the common case: the bytes are already there) costs no timer.
+pub async fn within<F: Future>(limit: std::time::Duration, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    if let Poll::Ready(output) = poll_fn(|context| Poll::Ready(future.as_mut().poll(context))).await
+    {
+        return Some(output);
+    }
+    tokio::time::timeout(limit, future).await.ok()
+}
+
 /// Why a frame could not be read from a stream.
 #[derive(Debug)]
 pub enum ReadFrameError {
@@ -87,9 +98,7 @@ impl FrameReader {
             }
             let read = recv.read_chunk(usize::MAX, true);
             let chunk = match idle {
-                Some(idle) => tokio::time::timeout(idle, read)
-                    .await
-                    .map_err(|_| ReadFrameError::Idle)?,
+                Some(idle) => within(idle, read).await.ok_or(ReadFrameError::Idle)?,
                 None => read.await,
             };
             match chunk.map_err(ReadFrameError::Stream)? {
