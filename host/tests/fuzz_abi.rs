@@ -489,37 +489,9 @@ fn seeded_store() -> Arc<Store> {
     store
 }
 
-fn contents(store: &Store) -> BTreeMap<String, Bytes> {
-    store
-        .entries_at(u64::MAX)
-        .into_iter()
-        .map(|(key, _, value)| (key, value))
-        .collect()
-}
-
-/// The codes a guest may cause a call to fail with.
-const GUEST_ERRORS: &[ErrorCode] = &[
-    ErrorCode::KEY_TOO_LARGE,
-    ErrorCode::VALUE_TOO_LARGE,
-    ErrorCode::ABORTED,
-    ErrorCode::GUEST_PANIC,
-    ErrorCode::OUT_OF_FUEL,
-    ErrorCode::GUEST_TRAP,
-    ErrorCode::INVALID_ARGUMENTS,
-    ErrorCode::OUTPUT_TOO_LARGE,
-    ErrorCode::KEY_NOT_DECLARED,
-    ErrorCode::TOO_MANY_KEYS,
-    // A clean refusal, though with fuel ending calls in milliseconds and the backstop at
-    // 60 s it does not happen here.
-    ErrorCode::DEADLINE_EXCEEDED,
-    ErrorCode::INVALID_VALUE,
-    ErrorCode::ABI_VIOLATION,
-    ErrorCode::KEY_SET_UNSTABLE,
-];
-
 fn assert_clean(error: &ErrorResponse, context: &str) {
     assert!(
-        GUEST_ERRORS.contains(&error.code),
+        fuzz_support::GUEST_ERRORS.contains(&error.code),
         "{context}: a guest caused {error:?}, which is not a code a guest may cause"
     );
     // The guest writes the message of these (an empty one is its own business); the host
@@ -593,7 +565,7 @@ fn check_program(harness: &Harness, procedure: &str, program: &[u8], tally: &mut
 
     // Directly, with the key set visible.
     let store = seeded_store();
-    let before = contents(&store);
+    let before = fuzz_support::contents(&store);
     let prepared =
         harness
             .procedures
@@ -621,7 +593,7 @@ fn check_program(harness: &Harness, procedure: &str, program: &[u8], tally: &mut
             }
         }
     };
-    let after = contents(&store);
+    let after = fuzz_support::contents(&store);
     match (&outcome, &key_set) {
         (Outcome::Output(_), Some(key_set)) => {
             for key in before.keys().chain(after.keys()) {
@@ -688,21 +660,16 @@ fn check_program(harness: &Harness, procedure: &str, program: &[u8], tally: &mut
     // Through the executor, as a server runs it: the same answer, the same state.
     let served = seeded_store();
     let executor = Executor::new(served.clone(), harness.procedures.clone(), 100);
-    let mut out = Vec::new();
-    harness.tokio.block_on(executor.execute(
+    let response = fuzz_support::execute(
+        &harness.tokio,
+        &executor,
         Request::Call {
             module: Cow::Borrowed(MODULE),
             procedure: Cow::Borrowed(procedure),
             encoding: Encoding::Postcard,
             args: Cow::Borrowed(program),
         },
-        &mut out,
-    ));
-    let (payload, consumed) = frame::split(&out)
-        .expect("the response is within the frame limit")
-        .expect("the response is a whole frame");
-    assert_eq!(consumed, out.len(), "{context}: exactly one response frame");
-    let response = frame::decode::<Response<'_>>(payload).expect("the response decodes");
+    );
     let served_outcome = match response {
         Response::Output(output) => Outcome::Output(output.into_owned()),
         Response::Error(error) => {
@@ -716,7 +683,7 @@ fn check_program(harness: &Harness, procedure: &str, program: &[u8], tally: &mut
         "{context}: the executor's answer differs from the direct call's"
     );
     assert_eq!(
-        contents(&served),
+        fuzz_support::contents(&served),
         after,
         "{context}: the executor left another state than the direct call"
     );

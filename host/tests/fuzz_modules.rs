@@ -34,7 +34,6 @@ use transdb_host::executor::Executor;
 use transdb_host::procedures::Procedures;
 use transdb_host::runtime::{Runtime, RuntimeLimits};
 use transdb_host::store::Store;
-use transdb_proto::frame;
 use transdb_proto::message::{Encoding, ModuleInfo, Request, Response};
 use transdb_proto::{ErrorCode, ErrorResponse};
 
@@ -166,26 +165,6 @@ fn config(
     Ok(config)
 }
 
-/// The codes a call of a deployed guest may fail with.
-const GUEST_ERRORS: &[ErrorCode] = &[
-    ErrorCode::KEY_TOO_LARGE,
-    ErrorCode::VALUE_TOO_LARGE,
-    ErrorCode::ABORTED,
-    ErrorCode::GUEST_PANIC,
-    ErrorCode::OUT_OF_FUEL,
-    ErrorCode::GUEST_TRAP,
-    ErrorCode::INVALID_ARGUMENTS,
-    ErrorCode::OUTPUT_TOO_LARGE,
-    ErrorCode::KEY_NOT_DECLARED,
-    ErrorCode::TOO_MANY_KEYS,
-    // A clean refusal, though with fuel ending calls in milliseconds and the backstop at
-    // 60 s it does not happen here.
-    ErrorCode::DEADLINE_EXCEEDED,
-    ErrorCode::INVALID_VALUE,
-    ErrorCode::ABI_VIOLATION,
-    ErrorCode::KEY_SET_UNSTABLE,
-];
-
 /// A refusal's message without its numbers, to count refusals by kind: its first clause
 /// and, for the validator's messages, the innermost cause (after the last `: `).
 fn reason(message: &str) -> String {
@@ -260,25 +239,11 @@ impl Harness {
     }
 
     fn request(&self, request: Request<'_>) -> Response<'static> {
-        let mut out = Vec::new();
-        self.tokio
-            .block_on(self.executor.execute(request, &mut out));
-        let (payload, consumed) = frame::split(&out)
-            .expect("the response is within the frame limit")
-            .expect("the response is a whole frame");
-        assert_eq!(consumed, out.len(), "exactly one response frame");
-        frame::decode::<Response<'_>>(payload)
-            .expect("the response decodes")
-            .into_owned()
+        fuzz_support::execute(&self.tokio, &self.executor, request)
     }
 
     fn contents(&self) -> BTreeMap<String, Bytes> {
-        self.executor
-            .store
-            .entries_at(u64::MAX)
-            .into_iter()
-            .map(|(key, _, value)| (key, value))
-            .collect()
+        fuzz_support::contents(&self.executor.store)
     }
 
     /// Deploys `module` and calls each of its procedures once; checks every answer.
@@ -324,7 +289,7 @@ impl Harness {
                 Response::Output(_) => tally.committed += 1,
                 Response::Error(ErrorResponse { code, message }) => {
                     assert!(
-                        GUEST_ERRORS.contains(&code),
+                        fuzz_support::GUEST_ERRORS.contains(&code),
                         "calling {} answered {code:?}, which a guest may not cause: {message}",
                         procedure.name
                     );

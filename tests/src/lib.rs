@@ -140,6 +140,41 @@ pub async fn authenticate(
         .into_owned()
 }
 
+/// Sends `bytes` on a new stream of `connection` (a raw one: see
+/// [`TestServer::raw_connection`]), finishing the stream if `finish`, and returns what came
+/// back: the response frames' bytes, or the code the server reset the stream with.
+///
+/// The bytes need not be well-formed frames: this is for speaking bad protocol. The server
+/// may reset the stream before all of them are written; the outcome is then the reset.
+///
+/// # Panics
+/// If the stream has neither ended nor been reset within [`PATIENCE`], if the answer is
+/// longer than two frames of `MAX_FRAME_BYTES`, or if the stream ends any other way (the
+/// connection lost).
+pub async fn exchange(
+    connection: &quinn::Connection,
+    bytes: &[u8],
+    finish: bool,
+) -> Result<Vec<u8>, transdb_proto::ErrorCode> {
+    let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+    // The server may reset before everything is written; the read below reports the code.
+    let _ = send.write_all(bytes).await;
+    if finish {
+        let _ = send.finish();
+    }
+    let answer = recv.read_to_end(2 * transdb_proto::limits::MAX_FRAME_BYTES);
+    let outcome = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("the stream ends within PATIENCE");
+    match outcome {
+        Ok(bytes) => Ok(bytes),
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            Err(transdb_proto::ErrorCode(code.into_inner() as u16))
+        }
+        Err(other) => panic!("unexpected stream outcome: {other}"),
+    }
+}
+
 /// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn` (not
 /// authenticated: see [`authenticate`]).
 pub async fn raw_connection(

@@ -20,38 +20,13 @@ use transdb_host::log::Durability;
 use transdb_host::store::ENTRY_OVERHEAD_BYTES;
 use transdb_proto::message::{BatchOp, ServerStats};
 use transdb_proto::{ALPN, ErrorCode, Request, Response, frame};
-use transdb_tests::{PATIENCE, TestServer, procedure_module, raw_connection};
+use transdb_tests::{PATIENCE, TestServer, exchange, procedure_module, raw_connection};
 
 /// Held exclusively by the tests that open hundreds of connections, shared by the others.
 static LOAD: RwLock<()> = RwLock::const_new(());
 
 fn varint(code: ErrorCode) -> VarInt {
     VarInt::from_u32(code.0.into())
-}
-
-/// Sends `bytes` on a new stream, optionally finishing it, and returns what came back: the
-/// response frames' bytes, or the stream reset's code.
-async fn exchange(
-    connection: &Connection,
-    bytes: &[u8],
-    finish: bool,
-) -> Result<Vec<u8>, ErrorCode> {
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    // The server may reset before everything is written; the read below reports the code.
-    let _ = send.write_all(bytes).await;
-    if finish {
-        let _ = send.finish();
-    }
-    let outcome = tokio::time::timeout(PATIENCE, recv.read_to_end(usize::MAX))
-        .await
-        .expect("the stream ends within PATIENCE");
-    match outcome {
-        Ok(bytes) => Ok(bytes),
-        Err(quinn::ReadToEndError::Read(ReadError::Reset(code))) => {
-            Err(ErrorCode(code.into_inner() as u16))
-        }
-        Err(other) => panic!("unexpected stream outcome: {other}"),
-    }
 }
 
 /// The code the server reset `recv` with.

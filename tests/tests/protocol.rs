@@ -1,33 +1,11 @@
 //! Bad input on raw QUIC streams and connections: each gets its documented error code, and
 //! the server goes on serving the same connection and everybody else.
 
-use quinn::{Connection, ReadError};
+use quinn::Connection;
 use transdb_client::{Client, ClientConfig};
 use transdb_proto::limits::{MAX_FRAME_BYTES, MAX_VALUE_BYTES};
 use transdb_proto::{ErrorCode, Request, Response, frame};
-use transdb_tests::{TestServer, raw_connection};
-
-/// Sends `bytes` on a new stream, optionally finishing it, and returns what came back: the
-/// response frames' bytes, or the stream reset's code.
-async fn exchange(
-    connection: &Connection,
-    bytes: &[u8],
-    finish: bool,
-) -> Result<Vec<u8>, ErrorCode> {
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    // The server may reset before everything is written; the read below reports the code.
-    let _ = send.write_all(bytes).await;
-    if finish {
-        let _ = send.finish();
-    }
-    match recv.read_to_end(2 * MAX_FRAME_BYTES).await {
-        Ok(bytes) => Ok(bytes),
-        Err(quinn::ReadToEndError::Read(ReadError::Reset(code))) => {
-            Err(ErrorCode(code.into_inner() as u16))
-        }
-        Err(other) => panic!("unexpected stream outcome: {other}"),
-    }
-}
+use transdb_tests::{TestServer, exchange, raw_connection};
 
 fn single_response(bytes: &[u8]) -> Response<'static> {
     let (payload, consumed) = frame::split(bytes).unwrap().expect("a whole frame");

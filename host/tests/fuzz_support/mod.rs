@@ -1,5 +1,6 @@
 //! What the host's fuzz targets (`fuzz_abi.rs`, `fuzz_modules.rs`) share: how long they
-//! run, and how a failing input is kept as a regression.
+//! run, how a failing input is kept as a regression, and what they check a call against (the
+//! error codes a guest may cause, a store's contents, a request served by an executor).
 //!
 //! - `TRANSDB_FUZZ_ITERATIONS=N`: random inputs per target (each target has a small
 //!   default, a few seconds in a debug build, for CI). `BOLERO_RANDOM_ITERATIONS` overrides it.
@@ -13,9 +14,17 @@
 #![allow(dead_code)]
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use transdb_host::executor::Executor;
+use transdb_host::store::Store;
+use transdb_proto::ErrorCode;
+use transdb_proto::frame;
+use transdb_proto::message::{Request, Response};
 
 /// Random inputs per target: `TRANSDB_FUZZ_ITERATIONS`, else `default`.
 pub fn iterations(default: usize) -> usize {
@@ -129,4 +138,52 @@ fn save_failure(target: &str, input: &[u8]) {
             path.display()
         ),
     }
+}
+
+/// The codes a guest may cause a call to fail with: any other code (`INTERNAL` above all)
+/// answering a call of a fuzzed guest is a host bug.
+pub const GUEST_ERRORS: &[ErrorCode] = &[
+    ErrorCode::KEY_TOO_LARGE,
+    ErrorCode::VALUE_TOO_LARGE,
+    ErrorCode::ABORTED,
+    ErrorCode::GUEST_PANIC,
+    ErrorCode::OUT_OF_FUEL,
+    ErrorCode::GUEST_TRAP,
+    ErrorCode::INVALID_ARGUMENTS,
+    ErrorCode::OUTPUT_TOO_LARGE,
+    ErrorCode::KEY_NOT_DECLARED,
+    ErrorCode::TOO_MANY_KEYS,
+    // A clean refusal, though with fuel ending calls in milliseconds and the backstop at
+    // 60 s it does not happen here.
+    ErrorCode::DEADLINE_EXCEEDED,
+    ErrorCode::INVALID_VALUE,
+    ErrorCode::ABI_VIOLATION,
+    ErrorCode::KEY_SET_UNSTABLE,
+];
+
+/// Every key of `store` with its newest value.
+pub fn contents(store: &Store) -> BTreeMap<String, Bytes> {
+    store
+        .entries_at(u64::MAX)
+        .into_iter()
+        .map(|(key, _, value)| (key, value))
+        .collect()
+}
+
+/// Runs `request` on `executor` (on the current-thread runtime `tokio`), as a server does,
+/// and returns its answer, which must be exactly one whole frame that decodes.
+pub fn execute(
+    tokio: &tokio::runtime::Runtime,
+    executor: &Executor,
+    request: Request<'_>,
+) -> Response<'static> {
+    let mut out = Vec::new();
+    tokio.block_on(executor.execute(request, &mut out));
+    let (payload, consumed) = frame::split(&out)
+        .expect("the response is within the frame limit")
+        .expect("the response is a whole frame");
+    assert_eq!(consumed, out.len(), "exactly one response frame");
+    frame::decode::<Response<'_>>(payload)
+        .expect("the response decodes")
+        .into_owned()
 }
