@@ -111,6 +111,10 @@ pub enum Command {
         #[arg(required = true, num_args = 1.., value_name = "OP")]
         ops: Vec<String>,
     },
+    /// An interactive shell: GET, PUT, DELETE, transactions (BEGIN, COMMIT, ROLLBACK),
+    /// BATCH, CALL, STATS, BENCHMARK; HELP lists them. Reads stdin plainly when it is not a
+    /// terminal.
+    Shell,
     /// Make the server write a checkpoint now (without stopping traffic) and drop the log
     /// it covers.
     Checkpoint,
@@ -194,6 +198,15 @@ impl DurabilityArg {
     }
 }
 
+/// `--log-format` of `transdb serve`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the current span's fields and the list of spans.
+    Json,
+}
+
 /// Options of `transdb serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -235,6 +248,10 @@ pub struct ServeArgs {
     /// Log level or filter (e.g. `debug`, `transdb_host=trace`); overrides RUST_LOG.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log format on stderr: `text` for people, `json` for one JSON object per line
+    /// (timestamp, level, target, fields and the spans: `remote`, `request_id`, ...).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Maximum number of client connections.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -344,6 +361,9 @@ pub fn main() -> ExitCode {
             ref from,
             ref data_dir,
         } => restore(from, data_dir),
+        Command::Shell => {
+            client_config(&cli).and_then(|config| crate::shell::run(&cli.server, config))
+        }
         ref command => run_client(&cli, command),
     };
     match outcome {
@@ -356,7 +376,7 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<ExitCode> {
-    init_logging(args.log_level.as_deref())?;
+    init_logging(args.log_level.as_deref(), args.log_format)?;
     let mut config = ServerConfig::new(&args.data_dir);
     config.listen = args.listen;
     config.shards = args.shards.unwrap_or_else(config::default_shards);
@@ -491,7 +511,7 @@ fn restore(from: &std::path::Path, data_dir: &std::path::Path) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_logging(level: Option<&str>) -> Result<()> {
+fn init_logging(level: Option<&str>, format: LogFormat) -> Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(level) => {
@@ -500,11 +520,19 @@ fn init_logging(level: Option<&str>) -> Result<()> {
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // `span` holds the current span's fields (e.g. `request_id`), `spans` every
+        // enclosing one (e.g. the connection's `remote`).
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     Ok(())
 }
 
@@ -666,14 +694,7 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
         }
         Command::Stats => {
             let stats = client.stats().await?;
-            println!("position {}", stats.position);
-            println!("state hash {}", stats.state_hash);
-            println!("modules {}", stats.modules);
-            println!("connections {}", stats.connections);
-            println!("authentication failures {}", stats.auth_failures);
-            for (index, shard) in stats.shards.iter().enumerate() {
-                println!("shard {index}: {} keys, {} bytes", shard.keys, shard.bytes);
-            }
+            write_stats(&mut std::io::stdout().lock(), &stats)?;
         }
         Command::Checkpoint => {
             let info = client.checkpoint().await?;
@@ -726,15 +747,39 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
             client.shutdown_server().await?;
             println!("the server is shutting down");
         }
-        Command::Serve(_) | Command::Restore { .. } | Command::Bench(_) | Command::Stress(_) => {
-            unreachable!("serve, restore, bench and stress are handled by the caller")
+        Command::Serve(_)
+        | Command::Restore { .. }
+        | Command::Bench(_)
+        | Command::Stress(_)
+        | Command::Shell => {
+            unreachable!("serve, restore, bench, stress and shell are handled by the caller")
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes what `transdb stats` prints (the shell's `STATS` too).
+pub(crate) fn write_stats(
+    out: &mut impl Write,
+    stats: &transdb_client::ServerStats,
+) -> std::io::Result<()> {
+    writeln!(out, "position {}", stats.position)?;
+    writeln!(out, "state hash {}", stats.state_hash)?;
+    writeln!(out, "modules {}", stats.modules)?;
+    writeln!(out, "connections {}", stats.connections)?;
+    writeln!(out, "authentication failures {}", stats.auth_failures)?;
+    for (index, shard) in stats.shards.iter().enumerate() {
+        writeln!(
+            out,
+            "shard {index}: {} keys, {} bytes",
+            shard.keys, shard.bytes
+        )?;
+    }
+    Ok(())
+}
+
 /// Parses `put KEY VALUE` / `delete KEY` sequences (operation words in any case).
-fn parse_batch(words: &[String]) -> Result<Vec<transdb_client::BatchOp<'static>>> {
+pub(crate) fn parse_batch(words: &[String]) -> Result<Vec<transdb_client::BatchOp<'static>>> {
     use transdb_client::BatchOp;
     let mut ops = Vec::new();
     let mut words = words.iter();

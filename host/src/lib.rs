@@ -23,6 +23,7 @@
 //! - [`identity`]: the TLS certificate and key; [`auth`]: tokens, client certificates and
 //!   roles; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client);
+//! - [`shell`]: `transdb shell`, an interactive shell with line editing and history;
 //! - [`bench`](mod@bench) and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
 //!   load generator that checks correctness while it runs).
 //!
@@ -46,6 +47,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod sequencer;
 pub mod server;
+pub mod shell;
 pub mod store;
 pub mod stress;
 pub mod transaction;

@@ -995,17 +995,19 @@ fn define_host_functions(linker: &mut Linker<CallState>) -> wasmtime::Result<()>
                 }
                 return Ok(());
             }
+            // `None` outside a served request (replay, in-process calls): the field is left out.
+            let request_id = crate::network::current_request_id();
             match level {
                 abi::level::ERROR => {
-                    tracing::error!(target: "transdb::procedure", module, procedure, "{message}")
+                    tracing::error!(target: "transdb::procedure", module, procedure, request_id, "{message}")
                 }
                 abi::level::WARN => {
-                    tracing::warn!(target: "transdb::procedure", module, procedure, "{message}")
+                    tracing::warn!(target: "transdb::procedure", module, procedure, request_id, "{message}")
                 }
                 abi::level::DEBUG => {
-                    tracing::debug!(target: "transdb::procedure", module, procedure, "{message}")
+                    tracing::debug!(target: "transdb::procedure", module, procedure, request_id, "{message}")
                 }
-                _ => tracing::info!(target: "transdb::procedure", module, procedure, "{message}"),
+                _ => tracing::info!(target: "transdb::procedure", module, procedure, request_id, "{message}"),
             }
             Ok(())
         },
