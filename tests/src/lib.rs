@@ -175,6 +175,29 @@ pub async fn exchange(
     }
 }
 
+/// Sends a `Ping` on a new stream of `connection` (a raw one: see
+/// [`TestServer::raw_connection`]) and checks that the answer is exactly one frame, a `Pong`.
+///
+/// # Panics
+/// If the stream is reset or the answer is anything else (see also [`exchange`]).
+pub async fn ping(connection: &quinn::Connection) {
+    let reply = exchange(
+        connection,
+        &transdb_proto::frame::encode_to_vec(&transdb_proto::Request::Ping).unwrap(),
+        true,
+    )
+    .await
+    .expect("a Pong, not a reset");
+    let (payload, used) = transdb_proto::frame::split(&reply)
+        .unwrap()
+        .expect("a whole frame");
+    assert_eq!(used, reply.len(), "exactly one frame");
+    assert_eq!(
+        transdb_proto::frame::decode::<transdb_proto::Response<'_>>(payload).unwrap(),
+        transdb_proto::Response::Pong
+    );
+}
+
 /// A raw QUIC connection to `addr` trusting `certificate`, offering `alpn` (not
 /// authenticated: see [`authenticate`]).
 pub async fn raw_connection(
@@ -231,6 +254,20 @@ pub fn transdb_binary() -> PathBuf {
         );
     }
     binary
+}
+
+/// A command that runs the `transdb` binary ([`transdb_binary`]) in `cwd`, without the
+/// `TRANSDB_SERVER`, `TRANSDB_CA`, `TRANSDB_TOKEN` and `TRANSDB_TOKEN_FILE` variables: a
+/// test runs the CLI as a newcomer would, never with the developer's environment.
+pub fn transdb_command(cwd: &Path) -> Command {
+    let mut command = Command::new(transdb_binary());
+    command
+        .current_dir(cwd)
+        .env_remove("TRANSDB_SERVER")
+        .env_remove("TRANSDB_CA")
+        .env_remove("TRANSDB_TOKEN")
+        .env_remove("TRANSDB_TOKEN_FILE");
+    command
 }
 
 /// The newest modification time of the files under `dir`.
@@ -400,13 +437,8 @@ pub struct CliOutput {
 /// Runs the `transdb` CLI in `cwd` with `args`, feeding `stdin`.
 pub fn cli(cwd: &Path, args: &[&str], stdin: &[u8]) -> CliOutput {
     use std::io::Write;
-    let mut child = Command::new(transdb_binary())
-        .current_dir(cwd)
+    let mut child = transdb_command(cwd)
         .args(args)
-        .env_remove("TRANSDB_SERVER")
-        .env_remove("TRANSDB_CA")
-        .env_remove("TRANSDB_TOKEN")
-        .env_remove("TRANSDB_TOKEN_FILE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

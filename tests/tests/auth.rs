@@ -12,7 +12,7 @@ use transdb_host::{Server, ServerConfig};
 use transdb_procedures_bank::{Account, Open, Transfer};
 use transdb_proto::{ALPN, ErrorCode, ErrorResponse, Request, Response, Role, frame};
 use transdb_tests::{
-    ChildServer, PATIENCE, TestServer, procedure_module, raw_connection, transdb_binary,
+    ChildServer, PATIENCE, TestServer, procedure_module, raw_connection, transdb_command,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -148,21 +148,12 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// Runs the `transdb` CLI in `cwd` with `args`, with no `TRANSDB_*` variable but `env`.
 /// A run that has not ended within [`PATIENCE`] is killed (by its PID) and fails the test.
 fn transdb(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(transdb_binary());
+    let mut command = transdb_command(cwd);
     command
-        .current_dir(cwd)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for name in [
-        "TRANSDB_SERVER",
-        "TRANSDB_CA",
-        "TRANSDB_TOKEN",
-        "TRANSDB_TOKEN_FILE",
-    ] {
-        command.env_remove(name);
-    }
     command.envs(env.iter().copied());
     let child = command.spawn().expect("transdb runs");
     let pid = child.id();

@@ -20,7 +20,7 @@ use transdb_host::log::Durability;
 use transdb_host::store::ENTRY_OVERHEAD_BYTES;
 use transdb_proto::message::{BatchOp, ServerStats};
 use transdb_proto::{ALPN, ErrorCode, Request, Response, frame};
-use transdb_tests::{PATIENCE, TestServer, exchange, procedure_module, raw_connection};
+use transdb_tests::{PATIENCE, TestServer, exchange, ping, procedure_module, raw_connection};
 
 /// Held exclusively by the tests that open hundreds of connections, shared by the others.
 static LOAD: RwLock<()> = RwLock::const_new(());
@@ -44,22 +44,6 @@ async fn reset_code(recv: &mut RecvStream) -> ErrorCode {
         ),
         Err(other) => panic!("expected a reset, got {other}"),
     }
-}
-
-async fn ping(connection: &Connection) {
-    let reply = exchange(
-        connection,
-        &frame::encode_to_vec(&Request::Ping).unwrap(),
-        true,
-    )
-    .await
-    .expect("a Pong, not a reset");
-    let (payload, used) = frame::split(&reply).unwrap().expect("a whole frame");
-    assert_eq!(used, reply.len(), "exactly one frame");
-    assert_eq!(
-        frame::decode::<Response<'_>>(payload).unwrap(),
-        Response::Pong
-    );
 }
 
 /// One stream driven request by request, as an interactive transaction is.

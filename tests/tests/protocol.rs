@@ -1,26 +1,15 @@
 //! Bad input on raw QUIC streams and connections: each gets its documented error code, and
 //! the server goes on serving the same connection and everybody else.
 
-use quinn::Connection;
 use transdb_client::{Client, ClientConfig};
 use transdb_proto::limits::{MAX_FRAME_BYTES, MAX_VALUE_BYTES};
 use transdb_proto::{ErrorCode, Request, Response, frame};
-use transdb_tests::{TestServer, exchange, raw_connection};
+use transdb_tests::{TestServer, exchange, ping, raw_connection};
 
 fn single_response(bytes: &[u8]) -> Response<'static> {
     let (payload, consumed) = frame::split(bytes).unwrap().expect("a whole frame");
     assert_eq!(consumed, bytes.len(), "exactly one frame");
     frame::decode::<Response<'_>>(payload).unwrap().into_owned()
-}
-
-async fn ping(connection: &Connection) {
-    let reply = exchange(
-        connection,
-        &frame::encode_to_vec(&Request::Ping).unwrap(),
-        true,
-    )
-    .await;
-    assert_eq!(single_response(&reply.unwrap()), Response::Pong);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use transdb_client::{Client, ClientConfig};
-use transdb_tests::{ChildServer, cli, procedure_module, transdb_binary};
+use transdb_tests::{ChildServer, cli, procedure_module, transdb_command};
 
 fn config_of(dir: &Path) -> ClientConfig {
     ClientConfig::for_data_dir(&dir.join("transdb-data")).unwrap()
@@ -184,13 +184,8 @@ struct Shell {
 
 impl Shell {
     fn start(dir: &Path, addr: &str) -> Shell {
-        let mut child = Command::new(transdb_binary())
-            .current_dir(dir)
+        let mut child = transdb_command(dir)
             .args(["--server", addr, "shell"])
-            .env_remove("TRANSDB_SERVER")
-            .env_remove("TRANSDB_CA")
-            .env_remove("TRANSDB_TOKEN")
-            .env_remove("TRANSDB_TOKEN_FILE")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
