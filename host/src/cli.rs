@@ -103,8 +103,15 @@ pub enum Command {
     },
     /// List deployed modules, their versions and procedures.
     Procedures,
-    /// Print the server's statistics and the hash of its state (equal states, equal hashes).
-    Stats,
+    /// Print the server's statistics: keys and bytes per shard, memory, connections,
+    /// requests by kind with latency, errors by code, calls per procedure with fuel, the
+    /// log's durable position, uptime, and the hash of its state (equal states, equal
+    /// hashes).
+    Stats {
+        /// Print one JSON object (the fields of `ServerStats` in SPEC.md) instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply several writes atomically, in order: `transdb batch put a 1 put b 2 delete c`.
     Batch {
         /// `put KEY VALUE` and `delete KEY`, repeated.
@@ -245,6 +252,14 @@ pub struct ServeArgs {
     /// Private key file (PEM or DER) of --cert.
     #[arg(long, requires = "cert", value_name = "FILE")]
     pub key: Option<PathBuf>,
+    /// Also serve HTTP on this TCP address: /keys/{key}, /call/{module}/{procedure},
+    /// /metrics and /health, with the same tokens (`Authorization: Bearer`). Plain HTTP:
+    /// keep it on loopback, or put a TLS proxy in front. `--http` alone: 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    pub http: Option<SocketAddr>,
+    /// HTTP requests served at once, at most; beyond, 503 (retry later).
+    #[arg(long, default_value_t = crate::http::DEFAULT_MAX_HTTP_REQUESTS)]
+    pub max_http_requests: usize,
     /// Log level or filter (e.g. `debug`, `transdb_host=trace`); overrides RUST_LOG.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -379,6 +394,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     init_logging(args.log_level.as_deref(), args.log_format)?;
     let mut config = ServerConfig::new(&args.data_dir);
     config.listen = args.listen;
+    config.http = args.http;
+    config.max_http_requests = args.max_http_requests.max(1);
     config.shards = args.shards.unwrap_or_else(config::default_shards);
     config.certificate_files = args
         .cert
@@ -439,6 +456,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             config.shards,
             server.certificate_path().display()
         );
+        if let Some(http) = server.http_addr() {
+            println!("transdb HTTP gateway on http://{http}");
+        }
         tokio::select! {
             signal = wait_for_signal() => signal?,
             () = server.shutdown_requested() => println!("transdb: shutdown requested by an admin"),
@@ -692,9 +712,14 @@ async fn client_command(client: &Client, command: &Command) -> Result<ExitCode> 
             let applied = client.batch(&ops).await?;
             println!("{applied} writes applied");
         }
-        Command::Stats => {
+        Command::Stats { json } => {
             let stats = client.stats().await?;
-            write_stats(&mut std::io::stdout().lock(), &stats)?;
+            if *json {
+                let text = serde_json::to_string_pretty(&stats)?;
+                writeln!(std::io::stdout().lock(), "{text}")?;
+            } else {
+                write_stats(&mut std::io::stdout().lock(), &stats)?;
+            }
         }
         Command::Checkpoint => {
             let info = client.checkpoint().await?;
@@ -763,11 +788,38 @@ pub(crate) fn write_stats(
     out: &mut impl Write,
     stats: &transdb_client::ServerStats,
 ) -> std::io::Result<()> {
+    let latency = |latency: &transdb_client::Latency| {
+        format!(
+            "p50 {} p95 {} p99 {} max {}",
+            micros(latency.p50_us),
+            micros(latency.p95_us),
+            micros(latency.p99_us),
+            micros(latency.max_us)
+        )
+    };
+    writeln!(out, "uptime {}", uptime(stats.uptime_ms))?;
     writeln!(out, "position {}", stats.position)?;
+    match stats.log.durable_position {
+        Some(durable) => writeln!(
+            out,
+            "log durable through {durable} (lag {} positions)",
+            stats.log.durability_lag
+        )?,
+        None => writeln!(out, "log none (--durability none: nothing is kept on disk)")?,
+    }
     writeln!(out, "state hash {}", stats.state_hash)?;
-    writeln!(out, "modules {}", stats.modules)?;
+    let memory = &stats.memory;
+    write!(out, "memory: store {}", bytes(memory.store_bytes))?;
+    if let Some(limit) = memory.store_limit {
+        write!(out, " of {} (--max-memory)", bytes(limit))?;
+    }
+    if let Some(resident) = memory.process_resident {
+        write!(out, ", process resident {}", bytes(resident))?;
+    }
+    writeln!(out)?;
     writeln!(out, "connections {}", stats.connections)?;
     writeln!(out, "authentication failures {}", stats.auth_failures)?;
+    writeln!(out, "modules {}", stats.modules)?;
     for (index, shard) in stats.shards.iter().enumerate() {
         writeln!(
             out,
@@ -775,7 +827,87 @@ pub(crate) fn write_stats(
             shard.keys, shard.bytes
         )?;
     }
+    if !stats.requests.is_empty() {
+        writeln!(out, "requests:")?;
+        for request in &stats.requests {
+            writeln!(
+                out,
+                "  {:<12} {:>10} answered, {:>8} errors, {}",
+                request.kind,
+                request.count,
+                request.errors,
+                latency(&request.latency)
+            )?;
+        }
+    }
+    if !stats.errors.is_empty() {
+        writeln!(out, "errors by code:")?;
+        for error in &stats.errors {
+            writeln!(
+                out,
+                "  {:<22} {:>3} {:>10}",
+                error.name, error.code, error.count
+            )?;
+        }
+    }
+    if !stats.procedures.is_empty() {
+        writeln!(out, "procedures:")?;
+        for procedure in &stats.procedures {
+            writeln!(
+                out,
+                "  {}.{}: {} calls, {} errors, {} fuel, {}",
+                procedure.module,
+                procedure.procedure,
+                procedure.calls,
+                procedure.errors,
+                procedure.fuel_used,
+                latency(&procedure.latency)
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// Microseconds for people: `850µs`, `12.3ms`, `1.20s`.
+fn micros(micros: u64) -> String {
+    match micros {
+        0..1_000 => format!("{micros}µs"),
+        1_000..1_000_000 => format!("{:.1}ms", micros as f64 / 1e3),
+        _ => format!("{:.2}s", micros as f64 / 1e6),
+    }
+}
+
+/// Bytes for people: `512 B`, `1.5 MiB`.
+fn bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// An uptime for people: `3d 4h 5m 6s`.
+fn uptime(millis: u64) -> String {
+    let seconds = millis / 1000;
+    let (days, hours, minutes, seconds) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, _) => format!("{minutes}m {seconds}s"),
+        (0, _, _) => format!("{hours}h {minutes}m {seconds}s"),
+        _ => format!("{days}d {hours}h {minutes}m {seconds}s"),
+    }
 }
 
 /// Parses `put KEY VALUE` / `delete KEY` sequences (operation words in any case).

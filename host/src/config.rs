@@ -48,6 +48,10 @@ pub struct CertificateFiles {
 pub struct ServerConfig {
     /// UDP address to listen on (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// TCP address of the HTTP gateway (`--http`), if it is on (port 0 picks a free port).
+    pub http: Option<SocketAddr>,
+    /// HTTP requests being served at once, at most; beyond, `503` (`--max-http-requests`).
+    pub max_http_requests: usize,
     /// Directory for the server's files; created if missing.
     pub data_dir: PathBuf,
     /// Number of shards.
@@ -104,6 +108,8 @@ impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            http: None,
+            max_http_requests: crate::http::DEFAULT_MAX_HTTP_REQUESTS,
             data_dir: data_dir.into(),
             shards: default_shards(),
             certificate_files: None,

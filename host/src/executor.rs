@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -24,6 +25,7 @@ use crate::durability::Persistence;
 use crate::interactive::{CommitPlan, Interactive, InteractiveLimits};
 use crate::lock_manager::{LockSet, Mode, Position, lock_id};
 use crate::log::{LogFailed, Refusal};
+use crate::metrics::{Metrics, Outcome};
 use crate::procedures::{MAX_RECONNAISSANCE_ATTEMPTS, Procedures, key_set_unstable};
 use crate::scheduler::{Grant, Refused, Scheduler};
 use crate::store::Store;
@@ -99,6 +101,18 @@ pub enum Command {
 pub struct Session {
     role: Role,
     transaction: Option<Interactive>,
+    /// What the last call on this stream used (for [`Executor::serve`]'s counters).
+    meter: CallMeter,
+}
+
+/// What a call used, for the counters.
+#[derive(Clone, Copy, Debug, Default)]
+struct CallMeter {
+    /// Fuel its runs used.
+    fuel: u64,
+    /// Whether its module and procedure exist (only those get a row of their own: the
+    /// names of a failed lookup are the caller's, unchecked).
+    found: bool,
 }
 
 impl Default for Session {
@@ -114,6 +128,7 @@ impl Session {
         Session {
             role,
             transaction: None,
+            meter: CallMeter::default(),
         }
     }
 
@@ -145,6 +160,8 @@ pub struct Executor {
     max_store_bytes: Option<usize>,
     /// What the network front end counts, for `Stats`.
     pub front_end: FrontEndCounters,
+    /// Requests, errors and calls counted by [`Executor::serve`], for `Stats` and metrics.
+    pub metrics: Metrics,
 }
 
 /// What the network front end counts, reported by `Stats`.
@@ -185,6 +202,7 @@ impl Executor {
             persistence: None,
             max_store_bytes: None,
             front_end: FrontEndCounters::default(),
+            metrics: Metrics::default(),
         }
     }
 
@@ -266,6 +284,37 @@ impl Executor {
         match &recorded.command {
             Command::Request(request) => self.execute(request.clone(), out).await,
             Command::Commit(plan) => self.commit(plan.clone(), out).await,
+        }
+    }
+
+    /// [`Executor::execute_in`] for a front end (QUIC, HTTP): also counts the request, its
+    /// outcome and its latency since it `arrived`, and a call's procedure and fuel, in
+    /// [`Executor::metrics`].
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        request: Request<'_>,
+        arrived: Instant,
+        out: &mut Vec<u8>,
+    ) {
+        let start = out.len();
+        let number = request.number();
+        let call = match &request {
+            Request::Call {
+                module, procedure, ..
+            } if !session.in_transaction() => Some((module.clone(), procedure.clone())),
+            _ => None,
+        };
+        session.meter = CallMeter::default();
+        self.execute_in(session, request, out).await;
+        let elapsed = arrived.elapsed();
+        let outcome = outcome(&out[start..]);
+        self.metrics.record(number, outcome, elapsed);
+        if let Some((module, procedure)) = call
+            && session.meter.found
+        {
+            self.metrics
+                .record_call(&module, &procedure, outcome, session.meter.fuel, elapsed);
         }
     }
 
@@ -392,8 +441,16 @@ impl Executor {
                 args,
             } => {
                 let read_only = session.role < Role::Write;
-                self.call(&module, &procedure, encoding, &args, read_only, out)
-                    .await
+                self.call(
+                    &module,
+                    &procedure,
+                    encoding,
+                    &args,
+                    read_only,
+                    &mut session.meter,
+                    out,
+                )
+                .await
             }
             Request::Batch { ops } => {
                 let locks = batch_locks(ops.iter().map(BatchOp::key));
@@ -416,7 +473,7 @@ impl Executor {
             }
             Request::Stats => match self.acquire(LockSet::All, input_bytes, None, out).await {
                 Some(grant) => {
-                    encode(&Response::Stats(self.stats(grant.position())), out);
+                    encode(&Response::Stats(self.stats(grant.position(), true)), out);
                     Some(grant)
                 }
                 None => None,
@@ -668,6 +725,10 @@ impl Executor {
         }
     }
 
+    /// Prepares, orders and runs a call (again, with fresh reconnaissance, while its key
+    /// set proves stale); records in `meter` whether the procedure exists and the fuel its
+    /// runs used.
+    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         module: &str,
@@ -675,6 +736,7 @@ impl Executor {
         encoding: Encoding,
         args: &[u8],
         read_only: bool,
+        meter: &mut CallMeter,
         out: &mut Vec<u8>,
     ) -> Option<Grant> {
         let _slot = self
@@ -694,6 +756,15 @@ impl Executor {
                 )?;
                 Ok((deployed, prepared))
             });
+            meter.found = match &prepared {
+                Ok(_) => true,
+                Err(error) => !matches!(
+                    error.code,
+                    ErrorCode::INVALID_NAME
+                        | ErrorCode::MODULE_NOT_FOUND
+                        | ErrorCode::PROCEDURE_NOT_FOUND
+                ),
+            };
             let (deployed, prepared) = match prepared {
                 Ok(prepared) => prepared,
                 Err(error) => {
@@ -755,7 +826,9 @@ impl Executor {
             if self.procedures.current_digest(module) != Some(deployed.digest()) {
                 continue;
             }
-            let response = match prepared.execute(&self.store, args, grant.position()) {
+            let (result, fuel) = prepared.execute_metered(&self.store, args, grant.position());
+            meter.fuel += fuel;
+            let response = match result {
                 Ok(output) => Response::Output(Cow::Owned(output)),
                 // The state moved between reconnaissance and execution: a deterministic
                 // abort at this position, with no effect; try again at a later one.
@@ -772,11 +845,24 @@ impl Executor {
         None
     }
 
-    fn stats(&self, position: Position) -> ServerStats {
-        let hash = self.store.state_hash();
+    /// The server's statistics, for `Stats` at `position` with the state's hash, or for
+    /// `GET /metrics` (`hash: false`: no lock is held, and hashing every entry is not cheap).
+    pub fn stats(&self, position: Position, hash: bool) -> ServerStats {
+        let state_hash = if hash {
+            self.store
+                .state_hash()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect()
+        } else {
+            String::new()
+        };
+        // Durable first: it only grows, and never past the next position read after it.
+        let durable_position = self.scheduler.log().map(|log| log.durable());
+        let next_position = self.scheduler.next_position();
         ServerStats {
             position,
-            state_hash: hash.iter().map(|byte| format!("{byte:02x}")).collect(),
+            state_hash,
             shards: self
                 .store
                 .shard_stats()
@@ -789,7 +875,34 @@ impl Executor {
             modules: self.procedures.list().len() as u64,
             connections: self.front_end.connections.load(Ordering::Relaxed) as u64,
             auth_failures: self.front_end.auth_failures.load(Ordering::Relaxed),
+            uptime_ms: self.metrics.uptime().as_millis() as u64,
+            memory: transdb_proto::message::MemoryStats {
+                store_bytes: self.store.memory_bytes() as u64,
+                store_limit: self.max_store_bytes.map(|limit| limit as u64),
+                process_resident: crate::metrics::process_resident_bytes(),
+            },
+            log: transdb_proto::message::LogStats {
+                next_position,
+                durable_position,
+                durability_lag: durable_position
+                    .map_or(0, |durable| next_position.saturating_sub(durable)),
+            },
+            requests: self.metrics.requests(),
+            errors: self.metrics.errors(),
+            procedures: self.metrics.procedures(),
         }
+    }
+}
+
+/// Whether the response frame `frame` is an error, and its code.
+fn outcome(frame: &[u8]) -> Outcome {
+    // `Response::Error` is variant 0: its payload starts with a zero byte.
+    match frame.get(frame::HEADER_BYTES) {
+        Some(0) => match frame::decode::<Response<'_>>(&frame[frame::HEADER_BYTES..]) {
+            Ok(Response::Error(error)) => Outcome::Error(error.code),
+            _ => Outcome::Ok,
+        },
+        _ => Outcome::Ok,
     }
 }
 

@@ -24,6 +24,8 @@
 //!   roles; [`config`]: settings and named limits;
 //! - [`cli`]: the `transdb` command line (server and client);
 //! - [`shell`]: `transdb shell`, an interactive shell with line editing and history;
+//! - [`metrics`]: what the server counts, for `Stats` and `GET /metrics`;
+//! - [`http`]: the HTTP gateway (`transdb serve --http`): keys, calls, metrics, health;
 //! - [`bench`](mod@bench) and [`stress`]: `transdb bench` (a load generator) and `transdb stress` (a
 //!   load generator that checks correctness while it runs).
 //!
@@ -36,10 +38,12 @@ pub mod cli;
 pub mod config;
 pub mod durability;
 pub mod executor;
+pub mod http;
 pub mod identity;
 pub mod interactive;
 pub mod lock_manager;
 pub mod log;
+pub mod metrics;
 pub(crate) mod network;
 pub mod procedures;
 pub mod replay;

@@ -108,6 +108,34 @@ impl LockManager {
         self.transactions.is_empty()
     }
 
+    /// The positions of the transactions that hold or wait for a lock that conflicts with
+    /// locking `key` in `mode`: on the key itself, or on everything.
+    fn conflicting(&self, key: LockId, mode: Mode) -> impl Iterator<Item = Position> + '_ {
+        [(Lock::Key(key), mode), (Lock::Global, Mode::Shared)]
+            .into_iter()
+            .filter_map(|(lock, mode)| self.queues.get(&lock).map(|queue| (queue, mode)))
+            .flat_map(move |(queue, mode)| {
+                queue
+                    .iter()
+                    .filter(move |request| !compatible(request.mode, mode))
+                    .map(|request| request.position)
+            })
+    }
+
+    /// The latest transaction that holds or waits for a lock conflicting with locking `key`
+    /// in `mode` (a transaction ordered now would wait for it and every conflicting one
+    /// before it).
+    pub fn last_conflicting(&self, key: LockId, mode: Mode) -> Option<Position> {
+        self.conflicting(key, mode).max()
+    }
+
+    /// Whether a transaction at or before `through` still holds or waits for a lock
+    /// conflicting with locking `key` in `mode`.
+    pub fn conflicting_through(&self, key: LockId, mode: Mode, through: Position) -> bool {
+        self.conflicting(key, mode)
+            .any(|position| position <= through)
+    }
+
     /// Requests every lock of the transaction at `position`; returns whether all are
     /// granted at once (it may run now). Otherwise it becomes runnable in a later
     /// [`LockManager::release`].

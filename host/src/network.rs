@@ -37,7 +37,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
@@ -50,6 +50,7 @@ use transdb_proto::{ErrorCode, ErrorResponse, Request, Response};
 
 use crate::auth::{CertificateRoles, Principal, Tokens};
 use crate::executor::{Executor, Session, encode};
+use crate::metrics::Outcome;
 
 /// Longest frame an unauthenticated connection may send: an `Authenticate` with the
 /// longest token fits many times over.
@@ -65,6 +66,16 @@ static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 tokio::task_local! {
     /// The id of the request the current task is serving.
     static REQUEST_ID: u64;
+}
+
+/// A new request id (see [`NEXT_REQUEST_ID`]).
+pub(crate) fn next_request_id() -> u64 {
+    NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs `serving` as the request `request_id`: [`current_request_id`] inside it returns it.
+pub(crate) async fn with_request_id<T>(request_id: u64, serving: impl Future<Output = T>) -> T {
+    REQUEST_ID.scope(request_id, serving).await
 }
 
 /// The id of the request being served by the calling task, if it serves one (procedure
@@ -175,7 +186,10 @@ impl RequestMemory {
 
     /// Reserves `bytes`: `OVERLOADED` if they do not fit now, `FRAME_TOO_LARGE` if they
     /// never could.
-    fn reserve(budget: &Arc<RequestMemory>, bytes: usize) -> Result<Reservation, ErrorCode> {
+    pub(crate) fn reserve(
+        budget: &Arc<RequestMemory>,
+        bytes: usize,
+    ) -> Result<Reservation, ErrorCode> {
         if bytes > budget.max {
             return Err(ErrorCode::FRAME_TOO_LARGE);
         }
@@ -290,6 +304,14 @@ const NOT_AUTHENTICATED: &str = "not authenticated: the token (or client certifi
 /// Reads the connection's `Authenticate`; returns who it is and the stream it came on, or
 /// `None` after refusing it (or losing it).
 async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Principal, Stream)> {
+    let started = Instant::now();
+    let counted = |outcome: Outcome| {
+        shared.executor.metrics.record(
+            Request::Authenticate { token: None }.number(),
+            outcome,
+            started.elapsed(),
+        );
+    };
     let certificate_role = shared.certificate_roles.as_ref().and_then(|roles| {
         let chain = connection
             .peer_identity()?
@@ -349,6 +371,7 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
         Some((stream, outcome))
     };
     let refuse = |reason: &str| {
+        counted(Outcome::Error(ErrorCode::UNAUTHENTICATED));
         shared
             .executor
             .front_end
@@ -375,6 +398,7 @@ async fn authenticate(connection: &Connection, shared: &Shared) -> Option<(Princ
                 role: principal.role,
             };
             encode(&authenticated, &mut response);
+            counted(Outcome::Ok);
             match tokio::time::timeout(shared.stream_timeout, stream.send.write_all(&response))
                 .await
             {
@@ -454,7 +478,7 @@ async fn serve_stream(
             Err(error) => return reset(&mut stream, error),
         };
         response.clear();
-        let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+        let request_id = next_request_id();
         // Disabled (almost free) unless the filter lets `debug` through.
         let span = tracing::debug_span!("request", request_id, kind = request.kind());
         if principal.revoked() {
@@ -468,19 +492,29 @@ async fn serve_stream(
             refuse_and_close(&mut stream, &connection, &response, b"token revoked").await;
             return;
         }
+        let started = Instant::now();
         let answer = if session.in_transaction() {
             None // the executor refuses connection requests inside a transaction
         } else {
             span.in_scope(|| connection_request(&request, &principal, &shared))
         };
         match answer {
-            Some(answer) => encode(&answer, &mut response),
+            Some(answer) => {
+                let outcome = match &answer {
+                    Response::Error(error) => Outcome::Error(error.code),
+                    _ => Outcome::Ok,
+                };
+                executor
+                    .metrics
+                    .record(request.number(), outcome, started.elapsed());
+                encode(&answer, &mut response);
+            }
             None => {
                 REQUEST_ID
                     .scope(
                         request_id,
                         executor
-                            .execute_in(&mut session, request, &mut response)
+                            .serve(&mut session, request, started, &mut response)
                             .instrument(span.clone()),
                     )
                     .await

@@ -398,6 +398,7 @@ impl Runtime {
                     declared,
                     reconnoitred,
                     keys_per_call: self.limits.keys_per_call,
+                    fuel_per_call: self.limits.fuel_per_call,
                 })
             }
             Err(error) => Err(wasm
@@ -474,6 +475,8 @@ pub struct PreparedCall {
     /// the state moved and the call may be prepared again).
     reconnoitred: bool,
     keys_per_call: usize,
+    /// The fuel the call started with (its store's fuel is what is left).
+    fuel_per_call: u64,
 }
 
 impl PreparedCall {
@@ -497,15 +500,37 @@ impl PreparedCall {
     /// procedure as one transaction on `store` and returns its result; commits only if
     /// the procedure produced one.
     pub fn execute(
-        mut self,
+        self,
         store: &Arc<Store>,
         args: &[u8],
         position: Position,
     ) -> Result<Vec<u8>, ErrorResponse> {
+        self.execute_metered(store, args, position).0
+    }
+
+    /// [`PreparedCall::execute`], also returning the fuel the call used (its key function's
+    /// and its run's).
+    pub fn execute_metered(
+        mut self,
+        store: &Arc<Store>,
+        args: &[u8],
+        position: Position,
+    ) -> (Result<Vec<u8>, ErrorResponse>, u64) {
         let transaction =
             Transaction::begin(store.clone(), self.declared.take(), self.keys_per_call);
         self.wasm.data_mut().transaction = Some(transaction);
         let outcome = self.run(args);
+        let fuel = self
+            .fuel_per_call
+            .saturating_sub(self.wasm.get_fuel().unwrap_or(0));
+        (self.finish(outcome, position), fuel)
+    }
+
+    fn finish(
+        &mut self,
+        outcome: wasmtime::Result<()>,
+        position: Position,
+    ) -> Result<Vec<u8>, ErrorResponse> {
         let state = self.wasm.data_mut();
         match outcome {
             Ok(()) => {

@@ -46,6 +46,8 @@ pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
     accept_task: JoinHandle<()>,
+    /// The HTTP gateway's address and task, and what stops it, with `--http`.
+    http: Option<(SocketAddr, JoinHandle<()>, CancellationToken)>,
     shutdown_grace: Duration,
     recovery: Option<Recovery>,
     checkpoint_task: Option<JoinHandle<()>>,
@@ -147,6 +149,27 @@ impl Server {
             endpoint.clone(),
             shared.clone(),
         ));
+        let http = match config.http {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address).await.with_context(|| {
+                    format!("cannot listen for HTTP on {address}: is another program using that port? choose another with --http")
+                })?;
+                let address = listener.local_addr()?;
+                if !address.ip().is_loopback() {
+                    tracing::warn!(%address, "the HTTP gateway is plain HTTP on a non-loopback address: tokens cross the network in clear; put a TLS-terminating proxy in front");
+                }
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(crate::http::serve(
+                    listener,
+                    shared.clone(),
+                    config.max_http_requests,
+                    stop.clone(),
+                ));
+                tracing::info!(%address, "HTTP gateway listening");
+                Some((address, task, stop))
+            }
+            None => None,
+        };
         let checkpoint_task = recovery
             .as_ref()
             .map(|_| tokio::spawn(checkpoint_policy(shared.clone(), config.clone())));
@@ -158,11 +181,17 @@ impl Server {
             endpoint,
             shared,
             accept_task,
+            http,
             shutdown_grace: config.shutdown_grace,
             recovery,
             checkpoint_task,
             _data_dir_lock: lock,
         })
+    }
+
+    /// The HTTP gateway's address, with `--http`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(address, _, _)| *address)
     }
 
     /// Resolves when an admin has sent `Shutdown`; the owner then calls
@@ -240,6 +269,17 @@ impl Server {
         if abandoned > 0 {
             tracing::warn!(abandoned, grace = ?self.shutdown_grace, "requests still running after the grace period");
         }
+        if let Some((_, task, stop)) = self.http.take() {
+            // Through the grace period it answered 503 and "not ready" (so load balancers
+            // see the server leave); now it stops accepting and finishes what it has.
+            stop.cancel();
+            if tokio::time::timeout(self.shutdown_grace, task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("HTTP requests still running after the grace period");
+            }
+        }
         self.close_connections();
         let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
         let _ = (&mut self.accept_task).await;
@@ -309,6 +349,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.begin_shutdown();
+        if let Some((_, task, stop)) = &self.http {
+            stop.cancel();
+            task.abort();
+        }
         self.close_connections();
     }
 }

@@ -373,6 +373,101 @@ pub struct ServerStats {
     /// wrong or revoked token, no accepted certificate, or no `Authenticate` in time. (A
     /// client certificate from an unknown CA fails the TLS handshake before this point.)
     pub auth_failures: u64,
+    /// Milliseconds since the server started.
+    pub uptime_ms: u64,
+    /// What the store and the process hold.
+    pub memory: MemoryStats,
+    /// How far the command log has made the order durable.
+    pub log: LogStats,
+    /// Requests answered since the server started, by kind (kinds never asked are left
+    /// out), in request-number order.
+    pub requests: Vec<RequestStats>,
+    /// Error answers since the server started, by code (codes never answered are left out),
+    /// in code order: aborts and refusals by reason.
+    pub errors: Vec<ErrorStats>,
+    /// Calls per procedure since the server started, by module and procedure name.
+    pub procedures: Vec<ProcedureStats>,
+}
+
+/// Memory, in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// What `--max-memory` counts: keys and values plus a fixed overhead per key.
+    pub store_bytes: u64,
+    /// `--max-memory`, if there is a limit.
+    pub store_limit: Option<u64>,
+    /// The server process's resident memory, where the platform reports it (Linux).
+    pub process_resident: Option<u64>,
+}
+
+/// The command log's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogStats {
+    /// The next position the order will give out.
+    pub next_position: u64,
+    /// Every position below this one is durable; `None` with `--durability none` (no log).
+    pub durable_position: Option<u64>,
+    /// Positions ordered and not yet durable (`next_position - durable_position`; 0 without
+    /// a log): how far durability lags behind the order.
+    pub durability_lag: u64,
+}
+
+/// Latency percentiles in microseconds, from a histogram whose buckets are within 12.5 %
+/// of each other: each figure is the upper end of its bucket, never above the maximum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: u64,
+    /// 95th percentile.
+    pub p95_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// The slowest.
+    pub max_us: u64,
+}
+
+/// Requests of one kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestStats {
+    /// The request's name, as in `SPEC.md` (`Get`, `Call`, ...).
+    pub kind: String,
+    /// Answered.
+    pub count: u64,
+    /// Answered with an error.
+    pub errors: u64,
+    /// From the request's arrival to its answer being ready (lock waits and durability
+    /// included, network excluded).
+    pub latency: Latency,
+}
+
+/// Answers with one error code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorStats {
+    /// The code.
+    pub code: u16,
+    /// Its name in `SPEC.md` (`CONFLICT`, `ABORTED`, ...); empty for a code this version
+    /// does not know.
+    pub name: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// Calls of one procedure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcedureStats {
+    /// The module.
+    pub module: String,
+    /// The procedure.
+    pub procedure: String,
+    /// Calls answered.
+    pub calls: u64,
+    /// Calls answered with an error (aborts, out of fuel, refusals).
+    pub errors: u64,
+    /// Fuel (wasm instructions, roughly) the calls used: key functions and runs (not the
+    /// reconnaissance runs of procedures without a key function).
+    pub fuel_used: u64,
+    /// From arrival to answer.
+    pub latency: Latency,
 }
 
 /// Keys and bytes of one shard.
@@ -385,30 +480,59 @@ pub struct ShardStats {
 }
 
 impl Request<'_> {
+    /// Every request's name, by request number (see [`Request::number`]).
+    pub const KINDS: [&'static str; 20] = [
+        "Ping",
+        "Get",
+        "Put",
+        "Delete",
+        "Deploy",
+        "Call",
+        "ListModules",
+        "Stats",
+        "Batch",
+        "Begin",
+        "Commit",
+        "Rollback",
+        "Checkpoint",
+        "Backup",
+        "Authenticate",
+        "CreateToken",
+        "RevokeToken",
+        "ListTokens",
+        "Shutdown",
+        "Undeploy",
+    ];
+
+    /// The variant's number on the wire (the table in `SPEC.md`).
+    pub fn number(&self) -> usize {
+        match self {
+            Request::Ping => 0,
+            Request::Get { .. } => 1,
+            Request::Put { .. } => 2,
+            Request::Delete { .. } => 3,
+            Request::Deploy { .. } => 4,
+            Request::Call { .. } => 5,
+            Request::ListModules => 6,
+            Request::Stats => 7,
+            Request::Batch { .. } => 8,
+            Request::Begin => 9,
+            Request::Commit => 10,
+            Request::Rollback => 11,
+            Request::Checkpoint => 12,
+            Request::Backup { .. } => 13,
+            Request::Authenticate { .. } => 14,
+            Request::CreateToken { .. } => 15,
+            Request::RevokeToken { .. } => 16,
+            Request::ListTokens => 17,
+            Request::Shutdown => 18,
+            Request::Undeploy { .. } => 19,
+        }
+    }
+
     /// The variant's name, for messages (never print a request: it may carry megabytes).
     pub fn kind(&self) -> &'static str {
-        match self {
-            Request::Ping => "Ping",
-            Request::Get { .. } => "Get",
-            Request::Put { .. } => "Put",
-            Request::Delete { .. } => "Delete",
-            Request::Deploy { .. } => "Deploy",
-            Request::Call { .. } => "Call",
-            Request::ListModules => "ListModules",
-            Request::Stats => "Stats",
-            Request::Batch { .. } => "Batch",
-            Request::Begin => "Begin",
-            Request::Commit => "Commit",
-            Request::Rollback => "Rollback",
-            Request::Checkpoint => "Checkpoint",
-            Request::Backup { .. } => "Backup",
-            Request::Authenticate { .. } => "Authenticate",
-            Request::CreateToken { .. } => "CreateToken",
-            Request::RevokeToken { .. } => "RevokeToken",
-            Request::ListTokens => "ListTokens",
-            Request::Shutdown => "Shutdown",
-            Request::Undeploy { .. } => "Undeploy",
-        }
+        Self::KINDS[self.number()]
     }
 
     /// The same request, owning its data.

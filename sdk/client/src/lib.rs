@@ -30,7 +30,8 @@ use transdb_proto::message::Encoding;
 use transdb_proto::{ErrorCode, ErrorResponse, Request, Response, frame, limits};
 
 pub use transdb_proto::message::{
-    BatchOp, CheckpointInfo, ModuleInfo, ProcedureInfo, Role, ServerStats, TokenInfo,
+    BatchOp, CheckpointInfo, ErrorStats, Latency, LogStats, MemoryStats, ModuleInfo, ProcedureInfo,
+    ProcedureStats, RequestStats, Role, ServerStats, ShardStats, TokenInfo,
 };
 
 pub mod tls;
