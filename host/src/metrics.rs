@@ -353,206 +353,233 @@ impl Metrics {
     /// histograms here are finer).
     pub fn prometheus(&self, stats: &ServerStats) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {value}");
-        };
-        gauge(
-            "transdb_uptime_seconds",
-            "Seconds since the server started.",
-            "gauge",
-            format!("{}", stats.uptime_ms as f64 / 1e3),
-        );
-        gauge(
-            "transdb_connections",
-            "Open QUIC connections (authenticated or not).",
-            "gauge",
-            stats.connections.to_string(),
-        );
-        gauge(
-            "transdb_auth_failures_total",
-            "Connections and HTTP requests refused as unauthenticated.",
-            "counter",
-            stats.auth_failures.to_string(),
-        );
-        gauge(
-            "transdb_modules",
-            "Deployed modules.",
-            "gauge",
-            stats.modules.to_string(),
-        );
-        gauge(
-            "transdb_store_bytes",
-            "What --max-memory counts: keys and values plus a fixed overhead per key.",
-            "gauge",
-            stats.memory.store_bytes.to_string(),
-        );
-        if let Some(limit) = stats.memory.store_limit {
-            gauge(
+        let one = |value: u64| vec![(String::new(), value.to_string())];
+        let optional = |value: Option<u64>| value.map(one).unwrap_or_default();
+        let families: [(&str, &str, &str, Rows); 12] = [
+            (
+                "transdb_uptime_seconds",
+                "gauge",
+                "Seconds since the server started.",
+                vec![(String::new(), (stats.uptime_ms as f64 / 1e3).to_string())],
+            ),
+            (
+                "transdb_connections",
+                "gauge",
+                "Open QUIC connections (authenticated or not).",
+                one(stats.connections),
+            ),
+            (
+                "transdb_auth_failures_total",
+                "counter",
+                "Connections and HTTP requests refused as unauthenticated.",
+                one(stats.auth_failures),
+            ),
+            (
+                "transdb_modules",
+                "gauge",
+                "Deployed modules.",
+                one(stats.modules),
+            ),
+            (
+                "transdb_store_bytes",
+                "gauge",
+                "What --max-memory counts: keys and values plus a fixed overhead per key.",
+                one(stats.memory.store_bytes),
+            ),
+            (
                 "transdb_store_limit_bytes",
+                "gauge",
                 "--max-memory.",
-                "gauge",
-                limit.to_string(),
-            );
-        }
-        if let Some(resident) = stats.memory.process_resident {
-            gauge(
+                optional(stats.memory.store_limit),
+            ),
+            (
                 "transdb_process_resident_memory_bytes",
+                "gauge",
                 "Resident memory of the server process.",
+                optional(stats.memory.process_resident),
+            ),
+            (
+                "transdb_log_next_position",
                 "gauge",
-                resident.to_string(),
-            );
-        }
-        gauge(
-            "transdb_log_next_position",
-            "The next position the total order gives out.",
-            "gauge",
-            stats.log.next_position.to_string(),
-        );
-        if let Some(durable) = stats.log.durable_position {
-            gauge(
+                "The next position the total order gives out.",
+                one(stats.log.next_position),
+            ),
+            (
                 "transdb_log_durable_position",
-                "Every position below this one is durable.",
                 "gauge",
-                durable.to_string(),
-            );
-        }
-        gauge(
-            "transdb_log_durability_lag",
-            "Positions ordered and not yet durable.",
-            "gauge",
-            stats.log.durability_lag.to_string(),
-        );
-        let _ = writeln!(out, "# HELP transdb_shard_keys Keys per shard.");
-        let _ = writeln!(out, "# TYPE transdb_shard_keys gauge");
-        for (index, shard) in stats.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "transdb_shard_keys{{shard=\"{index}\"}} {}",
-                shard.keys
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_shard_bytes Bytes of keys and values per shard."
-        );
-        let _ = writeln!(out, "# TYPE transdb_shard_bytes gauge");
-        for (index, shard) in stats.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "transdb_shard_bytes{{shard=\"{index}\"}} {}",
-                shard.bytes
-            );
+                "Every position below this one is durable.",
+                optional(stats.log.durable_position),
+            ),
+            (
+                "transdb_log_durability_lag",
+                "gauge",
+                "Positions ordered and not yet durable.",
+                one(stats.log.durability_lag),
+            ),
+            (
+                "transdb_shard_keys",
+                "gauge",
+                "Keys per shard.",
+                shard_rows(stats, |shard| shard.keys),
+            ),
+            (
+                "transdb_shard_bytes",
+                "gauge",
+                "Bytes of keys and values per shard.",
+                shard_rows(stats, |shard| shard.bytes),
+            ),
+        ];
+        for (name, kind, help, rows) in families {
+            family(&mut out, name, kind, help, rows);
         }
 
-        let _ = writeln!(
-            out,
-            "# HELP transdb_request_duration_seconds Requests answered, by kind, from arrival to answer."
-        );
-        let _ = writeln!(out, "# TYPE transdb_request_duration_seconds histogram");
-        for (kind, name) in self.kinds.iter().zip(Request::KINDS) {
-            if kind.latency.count() > 0 {
-                kind.latency.write_prometheus(
-                    &mut out,
-                    "transdb_request_duration_seconds",
-                    &format!("kind=\"{name}\""),
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_request_errors_total Requests answered with an error, by kind."
-        );
-        let _ = writeln!(out, "# TYPE transdb_request_errors_total counter");
-        for (kind, name) in self.kinds.iter().zip(Request::KINDS) {
-            if kind.latency.count() > 0 {
-                let _ = writeln!(
-                    out,
-                    "transdb_request_errors_total{{kind=\"{name}\"}} {}",
-                    kind.errors.load(Ordering::Relaxed)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_errors_total Error answers (aborts and refusals), by code."
-        );
-        let _ = writeln!(out, "# TYPE transdb_errors_total counter");
-        for error in self.errors() {
-            let _ = writeln!(
-                out,
-                "transdb_errors_total{{code=\"{}\",name=\"{}\"}} {}",
-                error.code, error.name, error.count
-            );
-        }
-
-        let table = self.procedures.read();
-        let procedures: Vec<_> = table
-            .0
+        let kinds: Vec<_> = self
+            .kinds
             .iter()
-            .flat_map(|(module, procedures)| {
-                procedures.iter().map(move |(procedure, metrics)| {
+            .zip(Request::KINDS)
+            .filter(|(kind, _)| kind.latency.count() > 0)
+            .map(|(kind, name)| (format!("kind=\"{name}\""), kind))
+            .collect();
+        histograms(
+            &mut out,
+            "transdb_request_duration_seconds",
+            "Requests answered, by kind, from arrival to answer.",
+            kinds.iter().map(|(labels, kind)| (labels, &kind.latency)),
+        );
+        family(
+            &mut out,
+            "transdb_request_errors_total",
+            "counter",
+            "Requests answered with an error, by kind.",
+            counts(kinds.iter().map(|(labels, kind)| (labels, &kind.errors))),
+        );
+        family(
+            &mut out,
+            "transdb_errors_total",
+            "counter",
+            "Error answers (aborts and refusals), by code.",
+            self.errors()
+                .into_iter()
+                .map(|error| {
                     (
-                        format!(
-                            "module=\"{}\",procedure=\"{}\"",
-                            escape(module),
-                            escape(procedure)
-                        ),
-                        metrics.clone(),
+                        format!("code=\"{}\",name=\"{}\"", error.code, error.name),
+                        error.count.to_string(),
                     )
                 })
-            })
+                .collect(),
+        );
+
+        let procedures: Vec<_> = {
+            let table = self.procedures.read();
+            table
+                .0
+                .iter()
+                .flat_map(|(module, procedures)| {
+                    procedures.iter().map(move |(procedure, metrics)| {
+                        (
+                            format!(
+                                "module=\"{}\",procedure=\"{}\"",
+                                escape(module),
+                                escape(procedure)
+                            ),
+                            metrics.clone(),
+                        )
+                    })
+                })
+                .collect()
+        };
+        histograms(
+            &mut out,
+            "transdb_call_duration_seconds",
+            "Procedure calls answered, from arrival to answer.",
+            procedures
+                .iter()
+                .map(|(labels, metrics)| (labels, &metrics.latency)),
+        );
+        family(
+            &mut out,
+            "transdb_call_errors_total",
+            "counter",
+            "Procedure calls answered with an error.",
+            counts(
+                procedures
+                    .iter()
+                    .map(|(labels, metrics)| (labels, &metrics.errors)),
+            ),
+        );
+        family(
+            &mut out,
+            "transdb_call_fuel_total",
+            "counter",
+            "Fuel procedure calls used (key functions and runs).",
+            counts(
+                procedures
+                    .iter()
+                    .map(|(labels, metrics)| (labels, &metrics.fuel)),
+            ),
+        );
+        let classes: Vec<_> = (1..self.http_responses.len())
+            .map(|class| format!("class=\"{class}xx\""))
             .collect();
-        drop(table);
-        let _ = writeln!(
-            out,
-            "# HELP transdb_call_duration_seconds Procedure calls answered, from arrival to answer."
+        family(
+            &mut out,
+            "transdb_http_responses_total",
+            "counter",
+            "HTTP gateway responses, by status class.",
+            counts(classes.iter().zip(&self.http_responses[1..])),
         );
-        let _ = writeln!(out, "# TYPE transdb_call_duration_seconds histogram");
-        for (labels, metrics) in &procedures {
-            metrics
-                .latency
-                .write_prometheus(&mut out, "transdb_call_duration_seconds", labels);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_call_errors_total Procedure calls answered with an error."
-        );
-        let _ = writeln!(out, "# TYPE transdb_call_errors_total counter");
-        for (labels, metrics) in &procedures {
-            let _ = writeln!(
-                out,
-                "transdb_call_errors_total{{{labels}}} {}",
-                metrics.errors.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_call_fuel_total Fuel procedure calls used (key functions and runs)."
-        );
-        let _ = writeln!(out, "# TYPE transdb_call_fuel_total counter");
-        for (labels, metrics) in &procedures {
-            let _ = writeln!(
-                out,
-                "transdb_call_fuel_total{{{labels}}} {}",
-                metrics.fuel.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP transdb_http_responses_total HTTP gateway responses, by status class."
-        );
-        let _ = writeln!(out, "# TYPE transdb_http_responses_total counter");
-        for (class, count) in self.http_responses.iter().enumerate().skip(1) {
-            let _ = writeln!(
-                out,
-                "transdb_http_responses_total{{class=\"{class}xx\"}} {}",
-                count.load(Ordering::Relaxed)
-            );
-        }
         out
     }
+}
+
+/// Samples of one metric family: labels (`k="v"` pairs, or empty) and value.
+type Rows = Vec<(String, String)>;
+
+/// Writes one metric family: its `HELP` and `TYPE` lines, then a sample per row (labels
+/// as `k="v"` pairs, or empty, and the value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, rows: Rows) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Writes a histogram family: a histogram per labelled row.
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a String, &'a Histogram)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (labels, histogram) in rows {
+        histogram.write_prometheus(out, name, labels);
+    }
+}
+
+/// Rows of counters read now.
+fn counts<'a>(rows: impl Iterator<Item = (&'a String, &'a AtomicU64)>) -> Rows {
+    rows.map(|(labels, count)| (labels.clone(), count.load(Ordering::Relaxed).to_string()))
+        .collect()
+}
+
+/// A row per shard of `value`.
+fn shard_rows(
+    stats: &ServerStats,
+    value: impl Fn(&transdb_proto::message::ShardStats) -> u64,
+) -> Rows {
+    stats
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(index, shard)| (format!("shard=\"{index}\""), value(shard).to_string()))
+        .collect()
 }
 
 /// A label value escaped for the Prometheus text format.
