@@ -33,6 +33,8 @@ use subtle::ConstantTimeEq;
 use transdb_proto::message::TokenInfo;
 use transdb_proto::{ErrorCode, ErrorResponse, Role};
 
+use crate::hex;
+
 pub use transdb_client::ADMIN_TOKEN_FILE;
 
 /// File in the data directory holding the tokens (ids, names, roles, digests of secrets).
@@ -358,10 +360,6 @@ fn check_token_name(name: &str) -> Result<(), ErrorResponse> {
 
 fn internal(message: &str) -> ErrorResponse {
     ErrorResponse::new(ErrorCode::INTERNAL, message)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {

@@ -50,6 +50,7 @@ use sha2::{Digest, Sha256};
 use transdb_proto::{ErrorCode, ErrorResponse};
 
 use crate::executor::Executor;
+use crate::hex;
 use crate::lock_manager::Position;
 use crate::log::{self, CommandLog, Durability, LOG_DIR, Tail, sync_dir};
 
@@ -701,10 +702,6 @@ fn remove_temp_files(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -527,7 +527,7 @@ async fn call(
 async fn metrics(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> HttpResponse {
     let result = gateway.authenticate(&headers).map(|_| {
         let executor = &gateway.shared.executor;
-        let stats = executor.stats(executor.scheduler.next_position(), false);
+        let stats = executor.gauges(executor.scheduler.next_position());
         (
             [(
                 header::CONTENT_TYPE,

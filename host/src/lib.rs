@@ -57,5 +57,10 @@ pub mod stress;
 pub mod transaction;
 pub mod two_phase;
 
+/// `bytes` in lowercase hex (versions, digests, token parts, the state hash).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 pub use config::ServerConfig;
 pub use server::Server;

@@ -349,8 +349,7 @@ impl Metrics {
     }
 
     /// Everything, in the Prometheus text exposition format (version 0.0.4), with the
-    /// gauges of `stats` (whose `requests`, `errors` and `procedures` are not used: the
-    /// histograms here are finer).
+    /// gauges of `stats` ([`crate::executor::Executor::gauges`]).
     pub fn prometheus(&self, stats: &ServerStats) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let one = |value: u64| vec![(String::new(), value.to_string())];

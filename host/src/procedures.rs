@@ -16,6 +16,7 @@ use transdb_proto::{ErrorCode, ErrorResponse, abi};
 
 use transdb_proto::message::Encoding;
 
+use crate::hex;
 use crate::lock_manager::Position;
 use crate::runtime::{CompiledModule, PreparedCall, Runtime};
 use crate::store::Store;
@@ -308,10 +309,6 @@ fn too_many_modules(limit: usize) -> ErrorResponse {
         ErrorCode::TOO_MANY_MODULES,
         format!("{limit} modules are deployed, the limit (--max-modules): replace one instead"),
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
